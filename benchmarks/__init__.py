@@ -1,0 +1,1 @@
+"""Reference implementations and speed baselines used to check lcmt_jax."""

@@ -1,0 +1,52 @@
+"""Orbax checkpoints of a run: the latest (for resuming) and the best (for reporting).
+
+Each checkpoint holds the whole `TrainState` and a JSON record of the loop's
+own state (epoch, best-so-far), so that resuming continues exactly. Orbax
+writes into a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint as the latest complete one.
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+KINDS = ('latest', 'best')
+
+
+class RunCheckpoints:
+  """`workdir/checkpoints/latest` and `workdir/checkpoints/best`, one checkpoint each."""
+
+  def __init__(self, workdir: str):
+    self._managers = {
+        kind: ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), 'checkpoints', kind),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+            item_names=('state', 'loop'))
+        for kind in KINDS
+    }
+
+  def save(self, kind: str, epoch: int, state: Any, loop_state: dict) -> None:
+    """Starts writing `state` and `loop_state` as checkpoint `epoch` of `kind` (asynchronously)."""
+    self._managers[kind].save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)))
+
+  def latest_epoch(self, kind: str) -> int | None:
+    return self._managers[kind].latest_step()
+
+  def restore(self, kind: str, target_state: Any) -> tuple[Any, dict]:
+    """The newest `kind` checkpoint, restored with the structure and shardings of `target_state`."""
+    manager = self._managers[kind]
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+    return restored.state, restored.loop
+
+  def wait_until_finished(self) -> None:
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    for manager in self._managers.values():
+      manager.close()

@@ -1,0 +1,98 @@
+"""Config validation: every key checked before any work starts.
+
+Unknown keys and impossible values raise `ConfigError` with one line naming
+the key, the value and what is allowed.
+"""
+
+from typing import Any, Callable
+
+import ml_collections
+
+from lcmt_jax import errors
+from lcmt_jax import schedules
+from lcmt_jax import train_state
+
+
+class ConfigError(errors.UserInputError):
+  """A config key is unknown or its value is impossible."""
+
+
+def _one_of(*choices: Any) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: v in choices), f'one of {choices}'
+
+
+def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f'an integer >= {low}'
+
+
+def _number_in(low: float, high: float, *, low_open: bool = False,
+               high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+  def check(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      return False
+    return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+  brackets = ('(' if low_open else '[') + f'{low}, {high}' + (')' if high_open else ']')
+  return check, f'a number in {brackets}'
+
+
+_BOOL = ((lambda v: isinstance(v, bool)), 'True or False')
+_STRING = ((lambda v: isinstance(v, str)), 'a string')
+_INF = float('inf')
+
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    'dataset': _one_of('cifar10', 'svhn', 'digits'),
+    'data_dir': _STRING,
+    'labeled_per_class': _int_at_least(1),
+    'validation_per_class': _int_at_least(0),
+    'split_seed': _int_at_least(0),
+    'labeled_batch_size': _int_at_least(1),
+    'unlabeled_batch_size': _int_at_least(1),
+    'width': _int_at_least(1),
+    'dropout_rate': _number_in(0.0, 1.0, high_open=True),
+    'compute_dtype': _one_of('float32', 'bfloat16'),
+    'method': _one_of(*train_state.METHODS),
+    'consistency_weight': _number_in(0.0, _INF),
+    'consistency_rampup': _int_at_least(0),
+    'ema_decay': _number_in(0.0, 1.0),
+    'lc_weight': _number_in(0.0, _INF),
+    'lc_start': _int_at_least(0),
+    'lc_rampup': _int_at_least(0),
+    'lc_threshold': _number_in(0.0, _INF, low_open=True, high_open=True),
+    'learning_rate': _number_in(0.0, _INF, low_open=True, high_open=True),
+    'momentum': _number_in(0.0, 1.0, high_open=True),
+    'nesterov': _BOOL,
+    'weight_decay': _number_in(0.0, _INF, high_open=True),
+    'decay_start': _int_at_least(1),
+    'decay_end': _int_at_least(1),
+    'num_epochs': _int_at_least(1),
+    'selection': _one_of('test', 'validation'),
+    'schedule_granularity': _one_of(*schedules.GRANULARITIES),
+    'teacher_init': _one_of(*train_state.TEACHER_INITS),
+    'joint_forward': _BOOL,
+    'weight_decay_params': _one_of(*train_state.WEIGHT_DECAY_PARAMS),
+    'seed': _int_at_least(0),
+    'steps_per_call': _int_at_least(0),
+    'eval_every_epochs': _int_at_least(1),
+    'eval_batch_size': _int_at_least(1),
+    'checkpoint_every_epochs': _int_at_least(1),
+    'progress_bar': _BOOL,
+}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` for the first unknown key, missing key or impossible value."""
+  unknown = sorted(set(config.keys()) - set(RULES))
+  if unknown:
+    raise ConfigError(f'unknown config key {unknown[0]!r}; valid keys are listed in configs/default.py')
+  missing = sorted(set(RULES) - set(config.keys()))
+  if missing:
+    raise ConfigError(f'config key {missing[0]!r} is missing; start from configs/default.py')
+  for key, (check, allowed) in RULES.items():
+    if not check(config[key]):
+      raise ConfigError(f'config.{key}={config[key]!r} is invalid: it must be {allowed}')
+  if config.decay_end < config.decay_start:
+    raise ConfigError(f'config.decay_end={config.decay_end} is before config.decay_start='
+                      f'{config.decay_start}: the learning rate decays from decay_start to decay_end')
+  if config.selection == 'validation' and config.validation_per_class == 0:
+    raise ConfigError('config.selection=validation needs a validation split: set '
+                      'config.validation_per_class > 0, or use config.selection=test')

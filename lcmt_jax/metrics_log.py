@@ -1,0 +1,94 @@
+"""What a run tells a person: a progress bar, metrics.jsonl, TensorBoard scalars, a summary."""
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tqdm
+
+from lcmt_jax import tf_cpu
+
+_BAR_METRICS = ('loss', 'ce_loss', 'consistency_loss', 'lc_loss')
+
+
+class MetricsLog:
+  """Appends one JSON record per (epoch, kind) to `workdir/metrics.jsonl` and to TensorBoard.
+
+  On resumption the records after the restored epoch (written by the
+  interrupted run after its last checkpoint) are dropped, so the file holds
+  each epoch once.
+  """
+
+  def __init__(self, workdir: str, resume_after_epoch: int = 0):
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._workdir = workdir
+    if os.path.exists(self._path):
+      kept = [line for line in read_records(self._path) if line['epoch'] <= resume_after_epoch]
+      with open(self._path + '.tmp', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+      os.replace(self._path + '.tmp', self._path)
+    self._tensorboard = None
+
+  def write(self, epoch: int, kind: str, values: dict[str, float]) -> None:
+    with open(self._path, 'a') as f:
+      f.write(json.dumps({'epoch': epoch, 'kind': kind, **values}) + '\n')
+    writer = self._tensorboard_writer()
+    for key, value in values.items():
+      writer.scalar(f'{kind}/{key}', value, epoch)
+    writer.flush()
+
+  def write_summary(self, summary: dict[str, Any]) -> None:
+    path = os.path.join(self._workdir, 'summary.json')
+    with open(path + '.tmp', 'w') as f:
+      json.dump(summary, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+  def _tensorboard_writer(self):
+    # Imported on first use: flax's writer loads TensorFlow, which takes seconds.
+    if self._tensorboard is None:
+      tf_cpu.import_tensorflow()
+      from flax.metrics import tensorboard
+      self._tensorboard = tensorboard.SummaryWriter(os.path.join(self._workdir, 'tensorboard'))
+    return self._tensorboard
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl file, in order."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """A tqdm bar over the run's steps showing steps/s, images/s and the loss terms."""
+
+  def __init__(self, total_steps: int, done_steps: int, enabled: bool):
+    self._bar = tqdm.tqdm(total=total_steps, initial=done_steps, unit='step', disable=not enabled,
+                          dynamic_ncols=True, smoothing=0.3)
+
+  def update(self, num_steps: int, seconds: float, images_per_step: int,
+             metrics: dict[str, np.ndarray]) -> None:
+    postfix = {k: f'{float(np.mean(metrics[k])):.4f}' for k in _BAR_METRICS if k in metrics}
+    postfix['img/s'] = f'{num_steps * images_per_step / seconds:.0f}'
+    self._bar.set_postfix(postfix, refresh=False)
+    self._bar.update(num_steps)
+
+  def print(self, line: str) -> None:
+    tqdm.tqdm.write(line)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """The end-of-run report: final and best errors of student and teacher, wall time."""
+  lines = [f'Finished {summary["method"]} on {summary["dataset"]} (seed {summary["seed"]}) after '
+           f'{summary["epochs"]} epochs, {summary["train_seconds"]:.0f} s of training.']
+  for prefix in ('final', 'best'):
+    errors = {k.split('/', 1)[1]: v for k, v in summary.items() if k.startswith(prefix + '/')}
+    if errors:
+      where = '' if prefix == 'final' else (
+          f' (epoch {summary["best_epoch"]}, selected by {summary["selection"]} accuracy)')
+      lines.append(f'  {prefix}{where}: ' + ', '.join(
+          f'{k.replace("_error", "")} error {100 * v:.2f}%' for k, v in sorted(errors.items())))
+  return '\n'.join(lines)

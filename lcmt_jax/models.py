@@ -1,0 +1,147 @@
+"""ConvLarge with weight-normalised, mean-only batch-normalised layers.
+
+REFERENCE.md "Model": every conv and the final dense layer is
+`W = g * v / sqrt(sum(v^2) + 1e-8)` followed by mean-only batch norm, and the
+network is started by the data-dependent initialisation of Salimans and Kingma
+(2016). The 128-d pooled feature vector is recorded with `sow` in the
+`intermediates` collection under the name `features`.
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_EPS = 1e-8
+
+
+class WeightNormMeanOnlyBN(nn.Module):
+  """A weight-normalised conv (dense when `kernel_size` is empty) with mean-only BN.
+
+  Train mode subtracts the batch mean of `xW` (per channel, over batch and
+  space) and updates the running mean with `momentum`; eval mode subtracts the
+  running mean. With `init_mode=True` the call performs the data-dependent
+  initialisation instead: it rewrites `g` and `b` (apply with
+  `mutable=['params']`) and returns `(xW - m) * init_scale / s`, leaving the
+  running mean untouched, as the reference does.
+  """
+
+  features: int
+  kernel_size: tuple[int, ...] = (3, 3)
+  padding: str = 'SAME'
+  init_scale: float = 1.0
+  momentum: float = 0.001
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool, init_mode: bool = False) -> jax.Array:
+    kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
+    v = self.param('v', nn.initializers.normal(0.05), kernel_shape)
+    g = self.param('g', nn.initializers.ones, (self.features,))
+    b = self.param('b', nn.initializers.zeros, (self.features,))
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (self.features,))
+
+    fan_in_axes = tuple(range(v.ndim - 1))
+    w = v * (g / jnp.sqrt(jnp.sum(v**2, axis=fan_in_axes) + _EPS))
+    a = self._project(x.astype(self.dtype), w.astype(self.dtype))
+    stat_axes = tuple(range(a.ndim - 1))
+    batch_mean = jnp.mean(a, axis=stat_axes, dtype=jnp.float32)
+
+    if init_mode:
+      centred = a.astype(jnp.float32) - batch_mean
+      scale = self.init_scale / jnp.sqrt(jnp.mean(centred**2, axis=stat_axes) + _EPS)
+      self.put_variable('params', 'g', g * scale)
+      self.put_variable('params', 'b', -batch_mean * scale)
+      return (centred * scale).astype(self.dtype)
+
+    if train:
+      mean = batch_mean
+      if not self.is_initializing():
+        running_mean.value = ((1.0 - self.momentum) * running_mean.value
+                              + self.momentum * jax.lax.stop_gradient(batch_mean))
+    else:
+      mean = running_mean.value
+    return a - (mean - b).astype(self.dtype)
+
+  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    if not self.kernel_size:
+      return x @ w
+    return jax.lax.conv_general_dilated(
+        x, w, window_strides=(1,) * len(self.kernel_size), padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class ConvLarge(nn.Module):
+  """The reference's "ShallowNet": 9 convs and a dense layer, 3.1 M parameters at width 128.
+
+  Channel widths are `w, w, w | 2w, 2w, 2w | 4w, 2w, w` with `w = width`, so
+  narrow nets for tests keep the reference's shape. Returns the logits; the
+  `w`-d feature vector is sown as `intermediates/features`.
+  """
+
+  num_classes: int = 10
+  width: int = 128
+  dropout_rate: float = 0.5
+  bn_momentum: float = 0.001
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool, init_mode: bool = False) -> jax.Array:
+    w = self.width
+    layer = functools.partial(WeightNormMeanOnlyBN, momentum=self.bn_momentum, dtype=self.dtype)
+    # The reference's dropout is active during the initialisation pass too.
+    deterministic = not (train or init_mode)
+
+    def conv(h, name, features, kernel_size=(3, 3), padding='SAME'):
+      h = layer(features, kernel_size=kernel_size, padding=padding, name=name)(
+          h, train=train, init_mode=init_mode)
+      return nn.leaky_relu(h, negative_slope=0.1)
+
+    def pool_and_drop(h):
+      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      return nn.Dropout(self.dropout_rate, deterministic=deterministic)(h)
+
+    # Block 1 is preceded by dropout 0.0 in the reference: a no-op, omitted.
+    h = conv(x, 'conv1a', w)
+    h = conv(h, 'conv1b', w)
+    h = pool_and_drop(conv(h, 'conv1c', w))
+    h = conv(h, 'conv2a', 2 * w)
+    h = conv(h, 'conv2b', 2 * w)
+    h = pool_and_drop(conv(h, 'conv2c', 2 * w))
+    h = conv(h, 'conv3a', 4 * w, padding='VALID')
+    h = conv(h, 'conv3b', 2 * w, kernel_size=(1, 1))
+    h = conv(h, 'conv3c', w, kernel_size=(1, 1))
+    features = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+    self.sow('intermediates', 'features', features)
+    logits = layer(self.num_classes, kernel_size=(), init_scale=0.1, name='dense')(
+        features, train=train, init_mode=init_mode)
+    return logits.astype(jnp.float32)
+
+
+def init_variables(model: ConvLarge, key: jax.Array, images: jax.Array) -> dict:
+  """Random initial `params` and `batch_stats` (before the data-dependent pass)."""
+  variables = model.init({'params': key}, images, train=False)
+  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+
+def data_dependent_init(model: ConvLarge, variables: dict, images: jax.Array,
+                        dropout_key: jax.Array) -> dict:
+  """Sets every layer's `g` and `b` from one batch, layer by layer (REFERENCE.md, "Model")."""
+  _, updated = model.apply(variables, images, train=True, init_mode=True,
+                           mutable=['params'], rngs={'dropout': dropout_key})
+  return {**variables, 'params': updated['params']}
+
+
+def apply_with_features(apply_fn: Callable, variables: dict, images: jax.Array, *, train: bool,
+                        dropout_key: jax.Array | None = None):
+  """Runs `apply_fn` (a `ConvLarge.apply`) and returns `(logits, features, new_batch_stats)`.
+
+  In eval mode `new_batch_stats` is `variables['batch_stats']` unchanged.
+  """
+  mutable = ['intermediates', 'batch_stats'] if train else ['intermediates']
+  rngs = {'dropout': dropout_key} if dropout_key is not None else {}
+  logits, state = apply_fn(variables, images, train=train, mutable=mutable, rngs=rngs)
+  batch_stats = state['batch_stats'] if train else variables['batch_stats']
+  return logits, state['intermediates']['features'][0], batch_stats

@@ -1,0 +1,48 @@
+"""Ramps and the learning-rate decay (REFERENCE.md "Losses", "Optimiser and schedule").
+
+The reference moves its schedules once per epoch, with epochs counted from 1
+(quirk 2). `schedule_epoch` turns the global step into that epoch number, or
+into a continuous one that agrees with it at each epoch's first step.
+"""
+
+import jax
+import jax.numpy as jnp
+
+GRANULARITIES = ('epoch', 'step')
+
+
+def schedule_epoch(step: jax.Array, steps_per_epoch: int, granularity: str) -> jax.Array:
+  """The epoch number the schedules see at optimiser step `step` (0-based).
+
+  'epoch': `step // steps_per_epoch + 1`, as the reference; 'step':
+  `step / steps_per_epoch + 1`, which moves every step.
+  """
+  if granularity not in GRANULARITIES:
+    raise ValueError(f'schedule granularity must be one of {GRANULARITIES}, got {granularity!r}')
+  if granularity == 'epoch':
+    return (jnp.asarray(step) // steps_per_epoch + 1).astype(jnp.float32)
+  return jnp.asarray(step, jnp.float32) / steps_per_epoch + 1.0
+
+
+def sigmoid_rampup(t: jax.Array, length: float) -> jax.Array:
+  """`exp(-5 (1 - t/L)^2)` for `0 < t < L`, 1 from `t >= L` on, 0 for `t <= 0`.
+
+  The reference tests `t >= L` first, so a zero-length ramp is 1 from `t = 0`.
+  """
+  t = jnp.asarray(t, jnp.float32)
+  if length <= 0:
+    return jnp.where(t >= length, 1.0, 0.0)
+  phase = 1.0 - t / length
+  return jnp.where(t >= length, 1.0, jnp.where(t <= 0, 0.0, jnp.exp(-5.0 * phase**2)))
+
+
+def linear_decay_lr(epoch: jax.Array, base_lr: float, decay_start: int, decay_end: int) -> jax.Array:
+  """`base_lr` before `decay_start`, then `base_lr * (decay_end - epoch) / (decay_end - decay_start)`.
+
+  It reaches 0 at `decay_end`, the last epoch trained, as in the reference.
+  """
+  epoch = jnp.asarray(epoch, jnp.float32)
+  if decay_end <= decay_start:
+    return jnp.full_like(epoch, base_lr)
+  decayed = base_lr * (decay_end - epoch) / (decay_end - decay_start)
+  return jnp.where(epoch < decay_start, base_lr, decayed)

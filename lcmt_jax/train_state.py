@@ -1,0 +1,245 @@
+"""Train state and the pure, jit-compiled training and evaluation steps.
+
+One step does what REFERENCE.md "Mean Teacher" and "Losses" list: student and
+teacher forward passes in train mode, cross-entropy + ramped consistency +
+gated, ramped local clustering, an SGD step on the student, then the EMA
+update of the teacher, which is kept as its own parameter pytree.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+from lcmt_jax import losses
+from lcmt_jax import models
+from lcmt_jax import schedules
+
+METHODS = ('mt_lc', 'mt', 'supervised')
+TEACHER_INITS = ('independent', 'copy')
+WEIGHT_DECAY_PARAMS = ('all', 'kernels')
+
+
+class TrainState(train_state.TrainState):
+  """Student (`params`, `opt_state` from the base class), teacher, both BN states, RNG.
+
+  `rng` is a base key; each step derives its dropout keys from it and the
+  step number, so a restored state continues with the same randomness.
+  """
+
+  batch_stats: Any
+  teacher_params: Any
+  teacher_batch_stats: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static hyper-parameters of `train_step` (hashable, so jit can specialise on them)."""
+
+  steps_per_epoch: int
+  schedule_granularity: str
+  base_learning_rate: float
+  decay_start: int
+  decay_end: int
+  consistency_weight: float
+  consistency_rampup: float
+  lc_weight: float  # 0 turns local clustering off (Mean Teacher only).
+  lc_start: int
+  lc_rampup: int
+  lc_threshold: float
+  ema_decay: float
+  joint_forward: bool
+  use_unlabeled: bool  # False for the supervised-only baseline.
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, steps_per_epoch: int) -> 'StepConfig':
+    semi_supervised = config.method != 'supervised'
+    return cls(
+        steps_per_epoch=steps_per_epoch,
+        schedule_granularity=config.schedule_granularity,
+        base_learning_rate=float(config.learning_rate),
+        decay_start=int(config.decay_start),
+        decay_end=int(config.decay_end),
+        consistency_weight=float(config.consistency_weight) if semi_supervised else 0.0,
+        consistency_rampup=float(config.consistency_rampup),
+        lc_weight=float(config.lc_weight) if config.method == 'mt_lc' else 0.0,
+        lc_start=int(config.lc_start),
+        lc_rampup=int(config.lc_rampup),
+        lc_threshold=float(config.lc_threshold),
+        ema_decay=float(config.ema_decay),
+        joint_forward=bool(config.joint_forward),
+        use_unlabeled=semi_supervised,
+    )
+
+  def epoch(self, step: jax.Array) -> jax.Array:
+    """The epoch number the schedules see at optimiser step `step`."""
+    return schedules.schedule_epoch(step, self.steps_per_epoch, self.schedule_granularity)
+
+  def learning_rate(self, step: jax.Array) -> jax.Array:
+    """The learning rate of optimiser step `step`; also the optax schedule."""
+    return schedules.linear_decay_lr(self.epoch(step), self.base_learning_rate,
+                                     self.decay_start, self.decay_end)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, step_config: StepConfig) -> optax.GradientTransformation:
+  """SGD with Nesterov momentum and PyTorch's coupled weight decay.
+
+  `add_decayed_weights` before `sgd` makes the momentum buffer accumulate
+  `grad + wd * param`, as `torch.optim.SGD(weight_decay=...)` does. The
+  reference decays every parameter, `g` and `b` included (quirk 6);
+  `weight_decay_params='kernels'` restricts it to the directions `v`.
+  """
+  mask = None
+  if config.weight_decay_params == 'kernels':
+    mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == 'v', params)
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=mask),
+      optax.sgd(step_config.learning_rate, momentum=config.momentum, nesterov=config.nesterov),
+  )
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                       student_init_images: jax.Array, teacher_init_images: jax.Array,
+                       teacher_init: str) -> TrainState:
+  """Random init plus data-dependent init of the student and of the teacher.
+
+  `teacher_init='independent'` gives the teacher its own random and
+  data-dependent initialisation from its own batch, as the reference does
+  (quirk 3); `'copy'` starts it as an exact copy of the student.
+  """
+  if teacher_init not in TEACHER_INITS:
+    raise ValueError(f'teacher_init must be one of {TEACHER_INITS}, got {teacher_init!r}')
+  student_key, teacher_key, student_ddi_key, teacher_ddi_key, rng = jax.random.split(key, 5)
+  student = models.data_dependent_init(
+      model, models.init_variables(model, student_key, student_init_images),
+      student_init_images, student_ddi_key)
+  teacher = student
+  if teacher_init == 'independent':
+    teacher = models.data_dependent_init(
+        model, models.init_variables(model, teacher_key, teacher_init_images),
+        teacher_init_images, teacher_ddi_key)
+  return TrainState.create(
+      apply_fn=model.apply, params=student['params'], tx=tx,
+      batch_stats=student['batch_stats'], teacher_params=teacher['params'],
+      teacher_batch_stats=teacher['batch_stats'], rng=rng)
+
+
+def _forward_train(apply_fn, params, batch_stats, labeled, unlabeled, key, joint):
+  """Train-mode forward of one network on the labelled and (optionally) unlabelled images.
+
+  The reference runs two separate passes, so their batch means differ and the
+  running mean is updated twice (quirk 5); `joint=True` runs one pass over the
+  concatenation. Returns `((logits_l, feats_l), (logits_u, feats_u) | None, batch_stats)`.
+  """
+  labeled_key, unlabeled_key = jax.random.split(key)
+  if unlabeled is None:
+    logits, feats, batch_stats = models.apply_with_features(
+        apply_fn, {'params': params, 'batch_stats': batch_stats}, labeled, train=True,
+        dropout_key=labeled_key)
+    return (logits, feats), None, batch_stats
+  if joint:
+    n = labeled.shape[0]
+    logits, feats, batch_stats = models.apply_with_features(
+        apply_fn, {'params': params, 'batch_stats': batch_stats},
+        jnp.concatenate([labeled, unlabeled]), train=True, dropout_key=labeled_key)
+    return (logits[:n], feats[:n]), (logits[n:], feats[n:]), batch_stats
+  logits_l, feats_l, batch_stats = models.apply_with_features(
+      apply_fn, {'params': params, 'batch_stats': batch_stats}, labeled, train=True,
+      dropout_key=labeled_key)
+  logits_u, feats_u, batch_stats = models.apply_with_features(
+      apply_fn, {'params': params, 'batch_stats': batch_stats}, unlabeled, train=True,
+      dropout_key=unlabeled_key)
+  return (logits_l, feats_l), (logits_u, feats_u), batch_stats
+
+
+def loss_weights(step: jax.Array, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
+  """`(consistency weight, local-clustering weight)` at `step`, ramps included."""
+  epoch = cfg.epoch(step)
+  consistency = cfg.consistency_weight * schedules.sigmoid_rampup(epoch, cfg.consistency_rampup)
+  lc = jnp.where(epoch >= cfg.lc_start,
+                 cfg.lc_weight * schedules.sigmoid_rampup(epoch - cfg.lc_start, cfg.lc_rampup), 0.0)
+  return consistency, lc
+
+
+def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array],
+               cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step of the student, then the teacher's EMA update.
+
+  `batch` holds 'labeled_student', 'labeled_teacher', 'labels',
+  'unlabeled_student', 'unlabeled_teacher' (two augmentations of each image).
+  """
+  student_key, teacher_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  unlabeled_student = batch['unlabeled_student'] if cfg.use_unlabeled else None
+  unlabeled_teacher = batch['unlabeled_teacher'] if cfg.use_unlabeled else None
+
+  # The teacher is a target: its outputs carry no gradient (the student's
+  # parameters never enter its computation), but its running means move.
+  (teacher_logits_l, _), teacher_u, teacher_batch_stats = _forward_train(
+      state.apply_fn, state.teacher_params, state.teacher_batch_stats,
+      batch['labeled_teacher'], unlabeled_teacher, teacher_key, cfg.joint_forward)
+  consistency_weight, lc_weight = loss_weights(state.step, cfg)
+
+  def loss_fn(params):
+    (logits_l, feats_l), student_u, batch_stats = _forward_train(
+        state.apply_fn, params, state.batch_stats, batch['labeled_student'], unlabeled_student,
+        student_key, cfg.joint_forward)
+    terms = {'ce_loss': losses.cross_entropy_loss(logits_l, batch['labels'])}
+    if cfg.use_unlabeled:
+      (logits_u, feats_u), (teacher_logits_u, _) = student_u, teacher_u
+      terms['consistency_loss'] = losses.consistency_loss(
+          logits_l, teacher_logits_l, logits_u, teacher_logits_u)
+    if cfg.lc_weight:
+      terms['lc_loss'] = losses.local_clustering_loss(feats_l, feats_u, cfg.lc_threshold)
+    total = (terms['ce_loss'] + consistency_weight * terms.get('consistency_loss', 0.0)
+             + lc_weight * terms.get('lc_loss', 0.0))
+    return total, (terms, logits_l, feats_l, student_u, batch_stats)
+
+  learning_rate = cfg.learning_rate(state.step)
+  (loss, (terms, logits_l, feats_l, student_u, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  state = state.replace(
+      teacher_params=update_teacher(state.teacher_params, state.params, cfg.ema_decay),
+      teacher_batch_stats=teacher_batch_stats)
+
+  metrics = {
+      **terms,
+      'loss': loss,
+      'consistency_weight': consistency_weight,
+      'lc_weight': lc_weight,
+      'learning_rate': learning_rate,
+      'student_labeled_accuracy': _accuracy(logits_l, batch['labels']),
+      'teacher_labeled_accuracy': _accuracy(teacher_logits_l, batch['labels']),
+  }
+  if cfg.lc_weight:
+    feats_u = student_u[1]
+    metrics['lc_within_lu'] = losses.fraction_within_threshold(feats_l, feats_u, cfg.lc_threshold)
+    metrics['lc_within_uu'] = losses.fraction_within_threshold(feats_u, feats_u, cfg.lc_threshold)
+  return state, metrics
+
+
+def update_teacher(teacher_params: Any, student_params: Any, decay: float) -> Any:
+  """`teacher = decay * teacher + (1 - decay) * student`, leaf by leaf (no decay warm-up)."""
+  return optax.incremental_update(student_params, teacher_params, step_size=1.0 - decay)
+
+
+def eval_step(state: TrainState, images: jax.Array) -> dict[str, jax.Array]:
+  """Eval-mode (running means, no dropout) logits of student and teacher, and teacher features."""
+  student_logits, _, _ = models.apply_with_features(
+      state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats}, images,
+      train=False)
+  teacher_logits, teacher_features, _ = models.apply_with_features(
+      state.apply_fn, {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats},
+      images, train=False)
+  return {'student_logits': student_logits, 'teacher_logits': teacher_logits,
+          'teacher_features': teacher_features}

@@ -1,0 +1,252 @@
+"""The training loop: data on the accelerator, many steps per compiled call, eval, checkpoints.
+
+The whole uint8 data set is put on every device once; each compiled call runs
+`steps_per_call` steps with `lax.scan`, sampling and augmenting its batches
+inside `jit`, so nothing crosses the host-device boundary on the hot path but
+the per-step metrics at the end of a call. Data parallelism is `jit` over a
+one-axis device mesh: the batch is sharded over the 'data' axis and
+everything else is replicated, so batch-norm means and the pairwise loss are
+taken over the global batch exactly as on one device.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lcmt_jax import checkpointing
+from lcmt_jax import configuration
+from lcmt_jax import errors
+from lcmt_jax import input_pipeline
+from lcmt_jax import metrics_log
+from lcmt_jax import models
+from lcmt_jax import train_state
+
+# Keys that may change between a run and its resumption: they do not change what is computed.
+RESUMABLE_KEYS = frozenset({'data_dir', 'num_epochs', 'steps_per_call', 'eval_every_epochs',
+                            'eval_batch_size', 'checkpoint_every_epochs', 'progress_bar'})
+
+
+def make_mesh() -> Mesh:
+  """A one-axis mesh named 'data' over every device."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ConvLarge:
+  return models.ConvLarge(num_classes=num_classes, width=config.width,
+                          dropout_rate=config.dropout_rate,
+                          dtype=jnp.dtype(config.compute_dtype))
+
+
+def put_data_on_device(split: input_pipeline.SplitData, mesh: Mesh) -> dict[str, jax.Array]:
+  """Every split's uint8 images and labels, replicated on every device."""
+  arrays = {
+      'labeled_images': split.labeled_images, 'labeled_labels': split.labeled_labels,
+      'unlabeled_images': split.unlabeled_images,
+      'test_images': split.test_images, 'test_labels': split.test_labels,
+      'validation_images': split.validation_images,
+      'validation_labels': split.validation_labels,
+  }
+  return jax.device_put(arrays, NamedSharding(mesh, PartitionSpec()))
+
+
+def run_steps(state: train_state.TrainState, data: dict[str, jax.Array], data_key: jax.Array, *,
+              num_steps: int, step_config: train_state.StepConfig,
+              info: input_pipeline.DatasetInfo, labeled_batch_size: int,
+              unlabeled_batch_size: int, batch_sharding: NamedSharding):
+  """`num_steps` training steps in one `lax.scan`; returns the state and per-step metrics.
+
+  Batches are a pure function of `data_key` and the global step, so a resumed
+  run sees exactly the batches an uninterrupted one would.
+  """
+
+  def one_step(state, _):
+    batch = input_pipeline.sample_batch(data_key, state.step, data, info, labeled_batch_size,
+                                        unlabeled_batch_size)
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return train_state.train_step(state, batch, step_config)
+
+  return jax.lax.scan(one_step, state, length=num_steps)
+
+
+def predict(state: train_state.TrainState, images: jax.Array, *, batch_size: int,
+            info: input_pipeline.DatasetInfo, batch_sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Eval-mode class predictions of student and teacher and the teacher's features."""
+  n = images.shape[0]
+  padded = -n % batch_size
+  images = jnp.pad(images, ((0, padded), (0, 0), (0, 0), (0, 0)))
+  batches = images.reshape(-1, batch_size, *images.shape[1:])
+
+  def one_batch(batch):
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    out = train_state.eval_step(state, input_pipeline.normalize(batch, info.mean, info.std))
+    return {'student': jnp.argmax(out['student_logits'], -1),
+            'teacher': jnp.argmax(out['teacher_logits'], -1),
+            'teacher_features': out['teacher_features']}
+
+  outputs = jax.lax.map(one_batch, batches)
+  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:n], outputs)
+
+
+def accuracies(predictions: dict[str, jax.Array], labels: np.ndarray) -> dict[str, float]:
+  predictions = jax.device_get(predictions)
+  return {f'{net}_accuracy': float(np.mean(predictions[net] == labels))
+          for net in ('student', 'teacher')}
+
+
+def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  for key in ('labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size'):
+    if config[key] % num_devices:
+      raise configuration.ConfigError(
+          f'config.{key}={config[key]} does not divide over {num_devices} devices: '
+          f'use a multiple of {num_devices}')
+
+
+def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a workdir that a run with a different config wrote."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + '.tmp', path)
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  current = json.loads(config.to_json_best_effort())
+  changed = sorted(k for k in set(saved) | set(current)
+                   if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
+  if changed:
+    raise errors.UserInputError(
+        f'workdir {workdir} holds a run with a different config (differs in: {", ".join(changed)}); '
+        f'use a new --workdir, or restore those values to resume it')
+
+
+def _initial_state(config, model, tx, info, data, key):
+  """Data-dependent init from one augmented labelled batch per network, as the reference."""
+  init_key, student_batch_key, teacher_batch_key = jax.random.split(key, 3)
+  student_batch = input_pipeline.sample_batch(
+      student_batch_key, 0, data, info, config.labeled_batch_size,
+      config.unlabeled_batch_size)['labeled_student']
+  teacher_batch = input_pipeline.sample_batch(
+      teacher_batch_key, 0, data, info, config.labeled_batch_size,
+      config.unlabeled_batch_size)['labeled_student']
+  return train_state.create_train_state(model, tx, init_key, student_batch, teacher_batch,
+                                        config.teacher_init)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run described by `config` in `workdir`; returns its summary."""
+  configuration.validate(config)
+  mesh = make_mesh()
+  _check_batch_sizes(config, mesh.size)
+  _check_workdir_config(config, workdir)
+  split = input_pipeline.load_split(config)
+  info = split.info
+  data = put_data_on_device(split, mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
+
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(split.unlabeled_images),
+                                                   config.unlabeled_batch_size)
+  step_config = train_state.StepConfig.from_config(config, steps_per_epoch)
+  model = build_model(config, info.num_classes)
+  tx = train_state.make_optimizer(config, step_config)
+  state_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  state = jax.jit(functools.partial(_initial_state, config, model, tx, info),
+                  out_shardings=replicated)(data, state_key)
+
+  checkpoints = checkpointing.RunCheckpoints(workdir)
+  loop = {'epoch': 0, 'best_epoch': 0, 'best_selection_accuracy': -1.0, 'train_seconds': 0.0}
+  if checkpoints.latest_epoch('latest') is not None:
+    state, loop = checkpoints.restore('latest', state)
+    print(f'Resuming {workdir} from epoch {loop["epoch"]}.', flush=True)
+  log = metrics_log.MetricsLog(workdir, resume_after_epoch=loop['epoch'])
+
+  steps_per_call = config.steps_per_call or steps_per_epoch
+  train_fn = jax.jit(
+      functools.partial(run_steps, step_config=step_config, info=info,
+                        labeled_batch_size=config.labeled_batch_size,
+                        unlabeled_batch_size=config.unlabeled_batch_size,
+                        batch_sharding=batch_sharding),
+      static_argnames='num_steps', donate_argnums=0, out_shardings=(replicated, replicated))
+  predict_fn = jax.jit(functools.partial(predict, batch_size=config.eval_batch_size, info=info,
+                                         batch_sharding=batch_sharding))
+  images_per_step = config.labeled_batch_size + (
+      config.unlabeled_batch_size if step_config.use_unlabeled else 0)
+  progress = metrics_log.Progress(total_steps=config.num_epochs * steps_per_epoch,
+                                  done_steps=loop['epoch'] * steps_per_epoch,
+                                  enabled=config.progress_bar)
+
+  for epoch in range(loop['epoch'] + 1, config.num_epochs + 1):
+    epoch_start = time.perf_counter()
+    step_metrics = []
+    for start in range(0, steps_per_epoch, steps_per_call):
+      num_steps = min(steps_per_call, steps_per_epoch - start)
+      call_start = time.perf_counter()
+      state, metrics = train_fn(state, data, data_key, num_steps=num_steps)
+      metrics = jax.device_get(metrics)
+      step_metrics.append(metrics)
+      progress.update(num_steps, time.perf_counter() - call_start, images_per_step, metrics)
+    loop['train_seconds'] += time.perf_counter() - epoch_start
+    record = {k: float(np.mean(np.concatenate([m[k] for m in step_metrics])))
+              for k in step_metrics[0]}
+    record['images_per_second'] = images_per_step * steps_per_epoch / (
+        time.perf_counter() - epoch_start)
+    log.write(epoch, 'train', record)
+
+    if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
+      evaluation = _evaluate(predict_fn, state, data, split)
+      log.write(epoch, 'eval', evaluation)
+      progress.print(_format_eval(epoch, evaluation))
+      selection = evaluation[f'{config.selection}/teacher_accuracy']
+      if selection > loop['best_selection_accuracy']:
+        loop.update(best_epoch=epoch, best_selection_accuracy=selection,
+                    best_eval=evaluation)
+        checkpoints.save('best', epoch, state, {**loop, 'epoch': epoch})
+      loop['last_eval'] = evaluation
+    loop['epoch'] = epoch
+    if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
+      checkpoints.save('latest', epoch, state, loop)
+
+  checkpoints.wait_until_finished()
+  checkpoints.close()
+  progress.close()
+  summary = _summary(config, loop)
+  log.write_summary(summary)
+  print(metrics_log.format_summary(summary), flush=True)
+  return summary
+
+
+def _evaluate(predict_fn, state, data, split) -> dict[str, float]:
+  """Student and teacher accuracy on the test set and, when there is one, the validation set."""
+  result = {}
+  for name in ('test', 'validation'):
+    labels = getattr(split, f'{name}_labels')
+    if len(labels):
+      for key, value in accuracies(predict_fn(state, data[f'{name}_images']), labels).items():
+        result[f'{name}/{key}'] = value
+  return result
+
+
+def _format_eval(epoch: int, evaluation: dict[str, float]) -> str:
+  parts = [f'{k.replace("_accuracy", "")} error {100 * (1 - v):.2f}%' for k, v in evaluation.items()]
+  return f'epoch {epoch}: ' + ', '.join(parts)
+
+
+def _summary(config: ml_collections.ConfigDict, loop: dict) -> dict[str, Any]:
+  last, best = loop.get('last_eval', {}), loop.get('best_eval', {})
+  summary = {'dataset': config.dataset, 'method': config.method, 'seed': config.seed,
+             'epochs': loop['epoch'], 'best_epoch': loop['best_epoch'],
+             'selection': config.selection, 'train_seconds': loop['train_seconds']}
+  for prefix, evaluation in (('final', last), ('best', best)):
+    for key, value in evaluation.items():
+      summary[f'{prefix}/{key.replace("_accuracy", "_error")}'] = 1.0 - value
+  return summary

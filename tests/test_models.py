@@ -1,0 +1,312 @@
+"""lcmt_jax.models against NumPy re-derivations of REFERENCE.md "Model"."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcmt_jax import models
+
+LAYERS = ('conv1a', 'conv1b', 'conv1c', 'conv2a', 'conv2b', 'conv2c', 'conv3a', 'conv3b',
+          'conv3c', 'dense')
+WIDTH = 8
+
+
+def _random_variables(module, x, seed, **apply_kwargs):
+  """Variables of `module` filled by NumPy: shapes from `jax.eval_shape`, so nothing compiles.
+
+  `g`, `b` and the running means are random and non-trivial, unlike their initial values.
+  """
+  shapes = jax.eval_shape(
+      functools.partial(module.init, train=False, **apply_kwargs), jax.random.key(0), x)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == 'v':
+      return rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
+    if name == 'g':
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    return rng.normal(0.0, 0.5, leaf.shape).astype(np.float32)  # b, running mean
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _np_weight(v, g):
+  """REFERENCE.md `W = g * v / sqrt(sum(v^2) + 1e-8)`, norm per output unit (last axis)."""
+  v = np.asarray(v, np.float64)
+  norm = np.sqrt((v ** 2).reshape(-1, v.shape[-1]).sum(axis=0) + 1e-8)
+  return v * (np.asarray(g, np.float64) / norm)
+
+
+def _np_project(x, w, padding):
+  """`xW` for a dense kernel (I, O) or a conv kernel (H, W, I, O) on NHWC input, in float64."""
+  x = np.asarray(x, np.float64)
+  if w.ndim == 2:
+    return x @ w
+  kh, kw = w.shape[:2]
+  if padding == 'SAME':
+    x = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  out = np.zeros((x.shape[0], out_h, out_w, w.shape[-1]))
+  for i in range(kh):
+    for j in range(kw):
+      out += x[:, i:i + out_h, j:j + out_w, :] @ w[i, j]
+  return out
+
+
+def _np_layer_preactivation(variables, x, padding):
+  params = variables['params']
+  return _np_project(x, _np_weight(params['v'], params['g']), padding)
+
+
+def _np_leaky_relu(x):
+  return np.where(x >= 0, x, 0.1 * x)
+
+
+# (kernel_size, padding, input shape): the dense layer and the three conv kinds of ConvLarge.
+LAYER_CASES = [
+    ((), 'SAME', (6, 5)),
+    ((3, 3), 'SAME', (3, 5, 5, 4)),
+    ((3, 3), 'VALID', (3, 5, 5, 4)),
+    ((1, 1), 'SAME', (3, 4, 4, 4)),
+]
+LAYER_IDS = ['dense', 'conv3x3_same', 'conv3x3_valid', 'conv1x1']
+
+
+def _layer_and_input(kernel_size, padding, shape, seed=0, **kwargs):
+  layer = models.WeightNormMeanOnlyBN(features=6, kernel_size=kernel_size, padding=padding,
+                                      **kwargs)
+  x = np.random.default_rng(100 + seed).normal(size=shape).astype(np.float32)
+  return layer, x, _random_variables(layer, x, seed)
+
+
+def _apply(layer, variables, x, **kwargs):
+  return jax.jit(functools.partial(layer.apply, **kwargs))(variables, x)
+
+
+@pytest.mark.parametrize('kernel_size, padding, shape', LAYER_CASES, ids=LAYER_IDS)
+def test_layer_train_mode_matches_numpy(kernel_size, padding, shape):
+  layer, x, variables = _layer_and_input(kernel_size, padding, shape)
+  y, _ = _apply(layer, variables, x, train=True, mutable=['batch_stats'])
+
+  a = _np_layer_preactivation(variables, x, padding)
+  axes = tuple(range(a.ndim - 1))
+  expected = a - a.mean(axis=axes) + variables['params']['b']
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+  # Output minus bias has zero mean per channel over batch and space.
+  np.testing.assert_allclose(np.mean(np.asarray(y, np.float64) - variables['params']['b'],
+                                     axis=axes), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('kernel_size, padding, shape', LAYER_CASES, ids=LAYER_IDS)
+def test_layer_eval_mode_subtracts_running_mean(kernel_size, padding, shape):
+  layer, x, variables = _layer_and_input(kernel_size, padding, shape, seed=1)
+  y = _apply(layer, variables, x, train=False)
+
+  a = _np_layer_preactivation(variables, x, padding)
+  expected = a - variables['batch_stats']['mean'] + variables['params']['b']
+  np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('kernel_size, padding, shape', LAYER_CASES, ids=LAYER_IDS)
+def test_layer_running_mean_moves_with_momentum_0_001(kernel_size, padding, shape):
+  layer, x, variables = _layer_and_input(kernel_size, padding, shape, seed=2)
+  _, state = _apply(layer, variables, x, train=True, mutable=['batch_stats'])
+
+  a = _np_layer_preactivation(variables, x, padding)
+  old = np.asarray(variables['batch_stats']['mean'], np.float64)
+  expected = 0.999 * old + 0.001 * a.mean(axis=tuple(range(a.ndim - 1)))
+  np.testing.assert_allclose(state['batch_stats']['mean'], expected, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(state['batch_stats']['mean'], old, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('kernel_size, padding, shape', LAYER_CASES, ids=LAYER_IDS)
+def test_layer_output_is_invariant_to_scale_of_v(kernel_size, padding, shape, train):
+  layer, x, variables = _layer_and_input(kernel_size, padding, shape, seed=3)
+  scaled = jax.tree_util.tree_map(lambda t: t, variables)
+  scaled['params']['v'] = variables['params']['v'] * 3.7
+  kwargs = {'train': train, 'mutable': ['batch_stats']} if train else {'train': False}
+  y = _apply(layer, variables, x, **kwargs)
+  y_scaled = _apply(layer, scaled, x, **kwargs)
+  if train:
+    y, y_scaled = y[0], y_scaled[0]
+  np.testing.assert_allclose(y_scaled, y, rtol=1e-5, atol=1e-5)
+  # The scale g, by contrast, does change the output.
+  rescaled_g = jax.tree_util.tree_map(lambda t: t, variables)
+  rescaled_g['params']['g'] = variables['params']['g'] * 3.7
+  y_g = _apply(layer, rescaled_g, x, **kwargs)
+  assert not np.allclose(y_g[0] if train else y_g, y, atol=1e-3)
+
+
+@pytest.mark.parametrize('init_scale', [1.0, 0.1])
+@pytest.mark.parametrize('kernel_size, padding, shape', LAYER_CASES[:2], ids=LAYER_IDS[:2])
+def test_layer_init_mode_sets_g_b_from_batch_statistics(kernel_size, padding, shape, init_scale):
+  layer, x, variables = _layer_and_input(kernel_size, padding, shape, seed=4,
+                                         init_scale=init_scale)
+  y, updated = _apply(layer, variables, x, train=True, init_mode=True, mutable=['params'])
+
+  a = _np_layer_preactivation(variables, x, padding)
+  axes = tuple(range(a.ndim - 1))
+  m = a.mean(axis=axes)
+  s = np.sqrt(((a - m) ** 2).mean(axis=axes) + 1e-8)
+  params = variables['params']
+  np.testing.assert_allclose(updated['params']['g'], params['g'] * init_scale / s, rtol=1e-4)
+  np.testing.assert_allclose(updated['params']['b'], -m * init_scale / s, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(updated['params']['v'], params['v'])
+  np.testing.assert_allclose(y, (a - m) * init_scale / s, rtol=1e-4, atol=1e-5)
+  assert 'batch_stats' not in updated
+
+
+# --- ConvLarge ---------------------------------------------------------------------------------
+
+
+def _is_wn_layer(module, method_name):
+  return isinstance(module, models.WeightNormMeanOnlyBN) and method_name == '__call__'
+
+
+def _layer_outputs(intermediates):
+  return {name: np.asarray(intermediates[name]['__call__'][0]) for name in LAYERS}
+
+
+@pytest.fixture(scope='module')
+def images():
+  return np.random.default_rng(7).normal(size=(12, 32, 32, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope='module')
+def model():
+  return models.ConvLarge(width=WIDTH, dropout_rate=0.0)
+
+
+@pytest.fixture(scope='module')
+def variables(model, images):
+  variables = _random_variables(model, images[:1], seed=11)
+  # Start from REFERENCE.md's initial values: g = 1, b = 0, running means 0.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, t: {'v': t, 'g': np.ones_like(t), 'b': np.zeros_like(t)}[p[-1].key],
+      variables['params'])
+  return {'params': params,
+          'batch_stats': jax.tree_util.tree_map(np.zeros_like, variables['batch_stats'])}
+
+
+@pytest.fixture(scope='module')
+def ddi_variables(model, variables, images):
+  ddi = jax.jit(functools.partial(models.data_dependent_init, model))
+  return ddi(variables, images, jax.random.key(0))
+
+
+def test_data_dependent_init_normalises_every_layer(model, ddi_variables, images):
+  _, state = jax.jit(functools.partial(
+      model.apply, train=False, mutable=['intermediates'],
+      capture_intermediates=_is_wn_layer))(ddi_variables, images)
+  outputs = _layer_outputs(state['intermediates'])
+  assert len(outputs) == 10
+  for name, out in outputs.items():
+    init_scale = 0.1 if name == 'dense' else 1.0
+    axes = tuple(range(out.ndim - 1))
+    np.testing.assert_allclose(out.mean(axis=axes), 0.0, atol=2e-5 * init_scale + 1e-6,
+                               err_msg=name)
+    np.testing.assert_allclose(out.std(axis=axes), init_scale, rtol=1e-3, err_msg=name)
+
+
+def test_eval_pass_after_ddi_reproduces_the_init_pass(model, variables, ddi_variables, images):
+  capture = functools.partial(model.apply, capture_intermediates=_is_wn_layer)
+  _, init_state = jax.jit(functools.partial(
+      capture, train=True, init_mode=True, mutable=['params', 'intermediates']))(
+          variables, images)
+  _, eval_state = jax.jit(functools.partial(capture, train=False, mutable=['intermediates']))(
+      ddi_variables, images)
+  init_outputs = _layer_outputs(init_state['intermediates'])
+  for name, out in _layer_outputs(eval_state['intermediates']).items():
+    scale = 0.1 if name == 'dense' else 1.0
+    np.testing.assert_allclose(out, init_outputs[name], rtol=1e-3, atol=1e-4 * scale,
+                               err_msg=name)
+
+
+def test_data_dependent_init_changes_only_g_and_b(variables, ddi_variables):
+  for name in LAYERS:
+    before, after = variables['params'][name], ddi_variables['params'][name]
+    np.testing.assert_array_equal(after['v'], before['v'])
+    assert not np.allclose(after['g'], before['g'])
+    assert not np.allclose(after['b'], before['b'])
+    np.testing.assert_array_equal(ddi_variables['batch_stats'][name]['mean'], 0.0)
+
+
+def test_parameter_count_at_width_128():
+  w = 128
+  # (kernel side, in, out) of the nine convs, then the dense layer: REFERENCE.md "Model".
+  convs = [(3, 3, w), (3, w, w), (3, w, w), (3, w, 2 * w), (3, 2 * w, 2 * w),
+           (3, 2 * w, 2 * w), (3, 2 * w, 4 * w), (1, 4 * w, 2 * w), (1, 2 * w, w)]
+  expected_shapes = {name: {'v': (k, k, c_in, c_out), 'g': (c_out,), 'b': (c_out,)}
+                     for name, (k, c_in, c_out) in zip(LAYERS, convs)}
+  expected_shapes['dense'] = {'v': (w, 10), 'g': (10,), 'b': (10,)}
+  expected = sum(k * k * c_in * c_out + 2 * c_out for k, c_in, c_out in convs) + w * 10 + 2 * 10
+
+  shapes = jax.eval_shape(functools.partial(models.init_variables, models.ConvLarge()),
+                          jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
+  got_shapes = jax.tree_util.tree_map(lambda t: t.shape, shapes['params'])
+  assert got_shapes == expected_shapes
+  count = sum(np.prod(t.shape) for t in jax.tree_util.tree_leaves(shapes['params']))
+  assert count == expected
+  assert round(count / 1e6, 1) == 3.1
+  assert set(shapes['batch_stats']) == set(LAYERS)
+
+
+def test_features_are_the_pooled_input_of_the_dense_layer(model, ddi_variables, images):
+  variables = jax.tree_util.tree_map(lambda t: t, ddi_variables)
+  variables['batch_stats']['dense']['mean'] = np.linspace(-0.3, 0.4, 10).astype(np.float32)
+  logits, features, batch_stats = jax.jit(functools.partial(
+      models.apply_with_features, model.apply, train=False))(variables, images)
+  assert features.shape == (images.shape[0], WIDTH)
+  # Eval mode hands back the running means unchanged.
+  assert jax.tree_util.tree_all(
+      jax.tree_util.tree_map(np.array_equal, batch_stats, variables['batch_stats']))
+
+  _, state = jax.jit(functools.partial(
+      model.apply, train=False, mutable=['intermediates'],
+      capture_intermediates=_is_wn_layer))(variables, images)
+  conv3c = np.asarray(state['intermediates']['conv3c']['__call__'][0], np.float64)
+  np.testing.assert_allclose(features, _np_leaky_relu(conv3c).mean(axis=(1, 2)),
+                             rtol=1e-5, atol=1e-6)
+
+  dense = variables['params']['dense']
+  expected_logits = (np.asarray(features, np.float64) @ _np_weight(dense['v'], dense['g'])
+                     - variables['batch_stats']['dense']['mean'] + dense['b'])
+  np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_apply_with_features_train_mode_returns_updated_batch_stats(model, ddi_variables, images):
+  logits, features, batch_stats = jax.jit(functools.partial(
+      models.apply_with_features, model.apply, train=True))(ddi_variables, images)
+  expected_logits, state = jax.jit(functools.partial(
+      model.apply, train=True, mutable=['batch_stats']))(ddi_variables, images)
+  np.testing.assert_allclose(logits, expected_logits, rtol=1e-6)
+  for name in LAYERS:
+    np.testing.assert_allclose(batch_stats[name]['mean'], state['batch_stats'][name]['mean'],
+                               rtol=1e-6)
+    assert np.any(np.asarray(batch_stats[name]['mean']) != 0.0)
+  assert features.shape == (images.shape[0], WIDTH)
+
+
+def test_bfloat16_model_keeps_float32_params_and_close_logits(ddi_variables, images):
+  bf16_model = models.ConvLarge(width=WIDTH, dropout_rate=0.0, dtype=jnp.bfloat16)
+  shapes = jax.eval_shape(functools.partial(models.init_variables, bf16_model),
+                          jax.random.key(0), images[:2])
+  assert {t.dtype for t in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype(jnp.float32)}
+
+  fp32_model = models.ConvLarge(width=WIDTH, dropout_rate=0.0)
+  fp32 = jax.jit(functools.partial(fp32_model.apply, train=False))(ddi_variables, images)
+  bf16 = jax.jit(functools.partial(bf16_model.apply, train=False))(ddi_variables, images)
+  assert bf16.dtype == jnp.float32
+  assert np.all(np.isfinite(bf16))
+  fp32, bf16 = np.asarray(fp32), np.asarray(bf16)
+  # bfloat16 keeps ~3 significant digits and the error grows over ten layers; measured max
+  # error is ~15% of the logits' spread at this width, so allow twice that.
+  spread = fp32.std()
+  assert np.abs(bf16 - fp32).max() < 0.3 * spread
+  assert np.mean(np.argmax(bf16, axis=1) == np.argmax(fp32, axis=1)) >= 0.75
+  assert not np.array_equal(bf16, fp32)  # It really computed in bfloat16.
