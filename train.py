@@ -9,31 +9,53 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from lcmt_jax import errors
 from lcmt_jax import trainer
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/quickstart.py', 'Config file; `file.py:improved` selects the fixed quirks.',
-    lock_config=True)
+_BAD_FLAG_ERRORS = (flags.Error, ValueError, TypeError, AttributeError, KeyError, OSError)
+
+
+def _exit_bad_flags(error: Exception) -> None:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  # A config file that fails to load says why on its last line.
+  message = (lines[-1] if isinstance(error, OSError) else lines[0]) if lines else repr(error)
+  print(f'error: bad command line ({message}); config keys are listed in configs/default.py',
+        file=sys.stderr)
+  sys.exit(2)
+
+
+try:
+  # ml_collections applies `--config.KEY=VALUE` overrides here already.
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', 'configs/quickstart.py',
+      'Config file; `FILE.py:improved` switches the reference quirks to their fixes.',
+      lock_config=True)
+except _BAD_FLAG_ERRORS as e:
+  _exit_bad_flags(e)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, ValueError, AttributeError, KeyError) as e:
-    print(f'error: {e}'.splitlines()[0], file=sys.stderr)
-    sys.exit(2)
+  except _BAD_FLAG_ERRORS as e:
+    _exit_bad_flags(e)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  workdir = _WORKDIR.value or f'workdirs/{_CONFIG.value.dataset}_{_CONFIG.value.method}'
+  logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO.
   try:
-    trainer.train_and_evaluate(_CONFIG.value, workdir)
+    config = _CONFIG.value
+    default_workdir = f'workdirs/{config.dataset}_{config.method}'
+  except OSError as e:  # The config file failed to load; config_flags reports it on first use.
+    _exit_bad_flags(e)
+  try:
+    trainer.train_and_evaluate(config, _WORKDIR.value or default_workdir)
   except errors.UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -26,6 +26,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # Model (REFERENCE.md "Model").
   config.width = 128  # 3.1 M parameters; tests use 8-16.
   config.dropout_rate = 0.5
+  config.bn_momentum = 0.001  # Of the mean-only BN running mean.
   config.compute_dtype = 'float32'  # 'bfloat16' computes in bf16; params stay float32.
 
   # Method and losses (REFERENCE.md "Losses").
@@ -56,7 +57,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   # Loop, evaluation, checkpoints.
   config.seed = 0
-  config.steps_per_call = 0  # Steps per compiled call (lax.scan); 0 = one whole epoch.
+  config.steps_per_call = 0  # Steps per compiled call (lax.scan); 0 = an epoch (1 on CPU).
   config.eval_every_epochs = 5
   config.eval_batch_size = 500
   config.checkpoint_every_epochs = 5

@@ -35,10 +35,16 @@ class RunCheckpoints:
   def latest_epoch(self, kind: str) -> int | None:
     return self._managers[kind].latest_step()
 
-  def restore(self, kind: str, target_state: Any) -> tuple[Any, dict]:
-    """The newest `kind` checkpoint, restored with the structure and shardings of `target_state`."""
+  def restore(self, kind: str, target_state: Any | None = None) -> tuple[Any, dict]:
+    """The newest `kind` checkpoint: `(state, loop_state)`.
+
+    With `target_state` the state comes back with its structure and
+    shardings; without, as a nested dict of arrays (for inspection).
+    """
     manager = self._managers[kind]
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    abstract = None
+    if target_state is not None:
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
     return restored.state, restored.loop

@@ -49,6 +49,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'unlabeled_batch_size': _int_at_least(1),
     'width': _int_at_least(1),
     'dropout_rate': _number_in(0.0, 1.0, high_open=True),
+    'bn_momentum': _number_in(0.0, 1.0, low_open=True),
     'compute_dtype': _one_of('float32', 'bfloat16'),
     'method': _one_of(*train_state.METHODS),
     'consistency_weight': _number_in(0.0, _INF),

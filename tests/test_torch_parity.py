@@ -1,0 +1,362 @@
+"""lcmt_jax against the PyTorch port of the reference (benchmarks/torch_reference.py).
+
+Both sides get the same weights (a JAX init exported with
+`torch_import.to_reference_state_dict`, or a torch init read back with
+`load_reference_state_dict`), the same images and the same epoch numbers, with
+dropout 0 so that nothing random is left. A width-8 ConvLarge on 8 labelled +
+16 unlabelled 32x32 images keeps every compile and step to a few seconds.
+
+Tolerances. Both sides compute in float32 but sum in different orders (XLA's
+and oneDNN's convolutions, the Gram-matrix distances of `losses` against the
+port's broadcast differences), so single values differ by a few float32 ulps
+and the errors grow along the 10-layer network and its backward pass. The
+forward agrees to ~1e-6 (asserted: 1e-4 absolute). Gradients are compared
+leaf by leaf, relative to the leaf's largest entry, because many entries are
+near zero: measured agreement is ~1e-6 of it, asserted rtol 1e-4 plus atol
+1e-5 of the leaf scale. Ten optimiser steps move the parameters by ~1e-2 and
+amplify the per-step errors a little; measured agreement ~1e-6, asserted
+rtol 1e-4 / atol 1e-5, still far below any change a semantic difference makes
+(a lost Nesterov term, decay or running-mean update moves values by >1e-3).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip(
+    'torch', reason='torch is needed only for the parity tests against the PyTorch port')
+
+from benchmarks import torch_reference as ref  # pylint: disable=wrong-import-position
+from configs import default as default_config  # pylint: disable=wrong-import-position
+from lcmt_jax import losses  # pylint: disable=wrong-import-position
+from lcmt_jax import models  # pylint: disable=wrong-import-position
+from lcmt_jax import torch_import  # pylint: disable=wrong-import-position
+from lcmt_jax import train_state  # pylint: disable=wrong-import-position
+
+WIDTH, N_LABELED, N_UNLABELED, SIZE = 8, 8, 16, 32
+STEPS_PER_EPOCH = 2  # Ten steps span epochs 1-5: every ramp and the lr decay move.
+NUM_STEPS = 10
+FORWARD_ATOL = 1e-4
+RTOL, ATOL_OF_SCALE = 1e-4, 1e-5
+
+
+def _key(seed):
+  return jax.random.key(seed, impl='rbg')  # Compiles faster than threefry on CPU.
+
+
+def _images(seed, n):
+  return np.random.default_rng(seed).normal(size=(n, SIZE, SIZE, 3)).astype(np.float32)
+
+
+def _jax_model():
+  return models.ConvLarge(width=WIDTH, dropout_rate=0.0)
+
+
+def _torch_model(variables=None):
+  model = ref.ConvLarge(width=WIDTH, dropout_rate=0.0)
+  if variables is not None:
+    model.load_state_dict(ref.load_numpy_state_dict(torch_import.to_reference_state_dict(variables)))
+  return model
+
+
+def _numpy_tree(tree):
+  return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _initialised_jax_variables(seed):
+  """Random init plus the data-dependent init, running means made non-zero."""
+  model, images = _jax_model(), jnp.asarray(_images(seed, N_LABELED))
+  variables = models.data_dependent_init(model, models.init_variables(model, _key(seed), images),
+                                         images, _key(seed + 1))
+  rng = np.random.default_rng(seed)
+  batch_stats = jax.tree_util.tree_map(
+      lambda m: rng.normal(0.0, 0.2, m.shape).astype(np.float32), variables['batch_stats'])
+  return _numpy_tree({**variables, 'batch_stats': batch_stats})
+
+
+def _assert_state_dicts_close(got: dict, want: dict, rtol=RTOL, atol_of_scale=ATOL_OF_SCALE):
+  """Entry by entry, with the absolute tolerance relative to the entry's largest value."""
+  assert sorted(got) == sorted(want)
+  for name in want:
+    expected = np.asarray(want[name], np.float64)
+    atol = atol_of_scale * max(np.abs(expected).max(), 1e-30)
+    np.testing.assert_allclose(np.asarray(got[name]), expected, rtol=rtol, atol=atol,
+                               err_msg=name)
+
+
+def _torch_state(model) -> dict:
+  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+# --- Forward passes ---------------------------------------------------------------------------
+
+
+def test_data_dependent_init_matches():
+  """The same random `v` and images: both inits set the same `g` and `b`."""
+  model, images = _jax_model(), _images(0, N_LABELED)
+  random = _numpy_tree(models.init_variables(model, _key(0), jnp.asarray(images)))
+  torch_model = _torch_model(random)
+  ref.data_dependent_init(torch_model, ref.images_from_nhwc(images))
+  initialised = models.data_dependent_init(model, random, jnp.asarray(images), _key(1))
+  _assert_state_dicts_close(torch_import.to_reference_state_dict(initialised),
+                            _torch_state(torch_model))
+
+
+@pytest.mark.parametrize('exported_from', ['jax', 'torch'])
+def test_eval_forward_matches(exported_from):
+  if exported_from == 'jax':
+    variables = _initialised_jax_variables(0)
+    torch_model = _torch_model(variables)
+  else:
+    torch.manual_seed(0)
+    torch_model = _torch_model()
+    ref.data_dependent_init(torch_model, ref.images_from_nhwc(_images(0, N_LABELED)))
+    with torch.no_grad():
+      for layer in ref.weight_norm_layers(torch_model):
+        layer.running_mean.normal_(0.0, 0.2)
+    variables = torch_import.load_reference_state_dict(torch_model.state_dict())
+
+  images = _images(1, N_UNLABELED)
+  logits, features, _ = models.apply_with_features(_jax_model().apply, variables,
+                                                   jnp.asarray(images), train=False)
+  torch_model.eval()
+  with torch.no_grad():
+    torch_features, torch_logits = torch_model(ref.images_from_nhwc(images))
+  assert np.abs(np.asarray(logits)).max() > 1e-2  # Not trivially equal.
+  np.testing.assert_allclose(logits, torch_logits.numpy(), rtol=0, atol=FORWARD_ATOL)
+  np.testing.assert_allclose(features, torch_features.numpy(), rtol=0, atol=FORWARD_ATOL)
+
+
+def test_train_forward_matches_including_running_means():
+  """Two train-mode passes (labelled, then unlabelled) as in a step; running means move twice."""
+  variables = _initialised_jax_variables(0)
+  torch_model = _torch_model(variables).train()
+  apply = jax.jit(lambda v, x: models.apply_with_features(_jax_model().apply, v, x, train=True))
+  for seed, n in ((1, N_LABELED), (2, N_UNLABELED)):
+    images = _images(seed, n)
+    logits, features, batch_stats = apply(variables, jnp.asarray(images))
+    with torch.no_grad():
+      torch_features, torch_logits = torch_model(ref.images_from_nhwc(images))
+    np.testing.assert_allclose(logits, torch_logits.numpy(), rtol=0, atol=FORWARD_ATOL)
+    np.testing.assert_allclose(features, torch_features.numpy(), rtol=0, atol=FORWARD_ATOL)
+    variables = {**variables, 'batch_stats': _numpy_tree(batch_stats)}
+  torch_means = {k: v for k, v in _torch_state(torch_model).items() if k.endswith('running_mean')}
+  jax_means = {k: v for k, v in torch_import.to_reference_state_dict(variables).items()
+               if k.endswith('running_mean')}
+  _assert_state_dicts_close(jax_means, torch_means)
+  # The comparison is sensitive to the update: each pass moved them by 0.001 * batch mean.
+  start = torch_import.to_reference_state_dict(_initialised_jax_variables(0))
+  assert all(np.abs(torch_means[k] - start[k]).max() > 1e-5 for k in torch_means)
+
+
+# --- Losses -----------------------------------------------------------------------------------
+
+
+def _threshold_between_pairs(a, b, quantile=0.5):
+  """A threshold in the widest gap between the pair distances near `quantile`.
+
+  Some pairs fall inside and some outside, and no distance lies within float32
+  rounding of it, so both sides build the same mask.
+  """
+  d = np.sort(((a[:, None, :].astype(np.float64) - b[None]) ** 2).mean(-1), axis=None)
+  middle = int(quantile * d.size)
+  window = d[middle - d.size // 10: middle + d.size // 10]
+  gap = int(np.argmax(np.diff(window)))
+  return float((window[gap] + window[gap + 1]) / 2)
+
+
+def test_loss_terms_and_their_gradients_match():
+  rng = np.random.default_rng(3)
+  zl, tl = rng.normal(size=(N_LABELED, 10)), rng.normal(size=(N_LABELED, 10))
+  zu, tu = rng.normal(size=(N_UNLABELED, 10)), rng.normal(size=(N_UNLABELED, 10))
+  labels = rng.integers(0, 10, size=N_LABELED)
+  fl, fu = rng.normal(size=(N_LABELED, WIDTH)), rng.normal(size=(N_UNLABELED, WIDTH))
+  zl, tl, zu, tu, fl, fu = (x.astype(np.float32) for x in (zl, tl, zu, tu, fl, fu))
+  threshold = _threshold_between_pairs(fl, fu)
+
+  def jax_terms(zl, zu, fl, fu):
+    return {'ce': losses.cross_entropy_loss(zl, labels),
+            'cons': losses.consistency_loss(zl, tl, zu, tu),
+            'lc': losses.local_clustering_loss(fl, fu, threshold),
+            'lc_uu': losses.pairwise_clustering_loss(fu, fu, threshold)}
+
+  def torch_terms(zl, zu, fl, fu):
+    return {'ce': ref.classification_loss(zl, torch.as_tensor(labels)),
+            'cons': ref.consistency_loss(zl, zu, torch.as_tensor(tl), torch.as_tensor(tu)),
+            'lc': ref.local_clustering_loss(fl, fu, threshold),
+            'lc_uu': ref.pairwise_clustering_loss(fu, fu, threshold)}
+
+  inputs = (zl, zu, fl, fu)
+  within = losses.fraction_within_threshold(fl, fu, threshold)
+  assert 0.2 < within < 0.8  # The mask is neither empty nor full.
+  for name in ('ce', 'cons', 'lc', 'lc_uu'):
+    value, grads = jax.value_and_grad(lambda *x, name=name: jax_terms(*x)[name],
+                                      argnums=(0, 1, 2, 3))(*inputs)
+    tensors = [torch.tensor(x, requires_grad=True) for x in inputs]
+    torch_value = torch_terms(*tensors)[name]
+    torch_value.backward()
+    np.testing.assert_allclose(value, torch_value.item(), rtol=1e-5, err_msg=name)
+    for i, (g, t) in enumerate(zip(grads, tensors)):
+      t_grad = np.zeros_like(inputs[i]) if t.grad is None else t.grad.numpy()
+      np.testing.assert_allclose(g, t_grad, rtol=1e-4, atol=1e-6 * max(np.abs(t_grad).max(), 1.0),
+                                 err_msg=f'{name}: d/input {i}')
+
+
+def test_empty_clustering_mask_gives_zero_on_both_sides():
+  a, b = np.zeros((3, 4), np.float32), np.full((5, 4), 10.0, np.float32)
+  assert float(losses.pairwise_clustering_loss(a, b, 1.0)) == 0.0
+  assert ref.pairwise_clustering_loss(torch.as_tensor(a), torch.as_tensor(b), 1.0).item() == 0.0
+
+
+# --- Training steps ---------------------------------------------------------------------------
+
+
+def _batches(num):
+  """Fixed random batches for both sides: JAX keys and NHWC, torch keys and NCHW."""
+  rng = np.random.default_rng(100)
+  images = lambda n: rng.normal(size=(n, SIZE, SIZE, 3)).astype(np.float32)  # pylint: disable=unnecessary-lambda-assignment
+  jax_batches, torch_batches = [], []
+  for _ in range(num):
+    batch = {'labeled_student': images(N_LABELED), 'labeled_teacher': images(N_LABELED),
+             'labels': rng.integers(0, 10, size=N_LABELED).astype(np.int32),
+             'unlabeled_student': images(N_UNLABELED), 'unlabeled_teacher': images(N_UNLABELED)}
+    jax_batches.append({k: jnp.asarray(v) for k, v in batch.items()})
+    torch_batches.append({
+        'student_labeled': ref.images_from_nhwc(batch['labeled_student']),
+        'teacher_labeled': ref.images_from_nhwc(batch['labeled_teacher']),
+        'student_unlabeled': ref.images_from_nhwc(batch['unlabeled_student']),
+        'teacher_unlabeled': ref.images_from_nhwc(batch['unlabeled_teacher']),
+        'labels': torch.as_tensor(batch['labels']).long()})
+  return jax_batches, torch_batches
+
+
+@pytest.fixture(scope='module')
+def batches():
+  return _batches(NUM_STEPS)
+
+
+def _config(threshold):
+  """The faithful CIFAR-10 config with short epochs and every term active from epoch 1."""
+  config = default_config.get_config()
+  config.update(lc_start=0, lc_rampup=3, lc_threshold=threshold, decay_start=2, decay_end=7)
+  return config
+
+
+def _hparams(config) -> ref.HParams:
+  return ref.HParams(base_lr=config.learning_rate, momentum=config.momentum,
+                     weight_decay=config.weight_decay, decay_start=config.decay_start,
+                     decay_end=config.decay_end, ema_decay=config.ema_decay,
+                     cons_weight=config.consistency_weight, cons_rampup=config.consistency_rampup,
+                     lc_start=config.lc_start, lc_rampup=config.lc_rampup,
+                     lc_weight=config.lc_weight, lc_threshold=config.lc_threshold)
+
+
+def _epoch(step):
+  """REFERENCE.md: the schedules' epoch, counted from 1."""
+  return step // STEPS_PER_EPOCH + 1
+
+
+@pytest.fixture(scope='module')
+def threshold(batches):
+  """Splits the student's initial labelled-unlabelled feature distances near their median."""
+  state = _initial_state(_config(50.0), optax.identity())
+  jax_batch = batches[0][0]
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  _, fl, stats = models.apply_with_features(state.apply_fn, variables,
+                                            jax_batch['labeled_student'], train=True)
+  _, fu, _ = models.apply_with_features(state.apply_fn, {**variables, 'batch_stats': stats},
+                                        jax_batch['unlabeled_student'], train=True)
+  return _threshold_between_pairs(np.asarray(fl), np.asarray(fu))
+
+
+def _initial_state(config, tx):
+  """The reference's start: student and an independently initialised teacher."""
+  return train_state.create_train_state(
+      _jax_model(), tx, _key(0), jnp.asarray(_images(10, N_LABELED)),
+      jnp.asarray(_images(11, N_LABELED)), teacher_init='independent')
+
+
+def _torch_networks(state):
+  student = _torch_model({'params': state.params, 'batch_stats': state.batch_stats})
+  teacher = _torch_model({'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats})
+  return student, teacher
+
+
+def _reference_state_dicts(state):
+  """`(student, teacher)` of a JAX state, in the port's names and layouts."""
+  student = torch_import.to_reference_state_dict(
+      {'params': state.params, 'batch_stats': state.batch_stats})
+  teacher = torch_import.to_reference_state_dict(
+      {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats})
+  return student, teacher
+
+
+def _recorded_gradients() -> optax.GradientTransformation:
+  """An "optimiser" that leaves the parameters alone and keeps the last gradient as its state."""
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree_util.tree_map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree_util.tree_map(jnp.zeros_like, grads),
+                                                grads))
+
+
+def _metrics_agree(jax_metrics, torch_metrics, step):
+  pairs = {'ce_loss': 'ce', 'consistency_loss': 'cons', 'lc_loss': 'lc', 'loss': 'loss',
+           'consistency_weight': 'cons_weight', 'lc_weight': 'lc_weight', 'learning_rate': 'lr'}
+  for jax_name, torch_name in pairs.items():
+    np.testing.assert_allclose(jax_metrics[jax_name], torch_metrics[torch_name], rtol=1e-4,
+                               atol=1e-7, err_msg=f'step {step}: {jax_name}')
+
+
+@pytest.mark.parametrize('step', [2, 5])
+def test_step_gradients_match(batches, threshold, step):
+  """The gradient `train_step` takes, against the port's `loss.backward()`, at epoch 2 or 3."""
+  config = _config(threshold)
+  state = _initial_state(config, _recorded_gradients()).replace(step=step)
+  student, teacher = _torch_networks(state)
+  step_config = train_state.StepConfig.from_config(config, STEPS_PER_EPOCH)
+  state, metrics = jax.jit(train_state.train_step, static_argnums=2)(
+      state, batches[0][0], step_config)
+  optimizer = ref.make_optimizer(student, _hparams(config))
+  torch_metrics = ref.train_step(student, teacher, optimizer, batches[1][0], _epoch(step),
+                                 _hparams(config))
+
+  assert metrics['consistency_weight'] > 0 and metrics['lc_weight'] > 0
+  assert 0 < metrics['lc_within_lu'] < 1 and 0 < metrics['lc_within_uu'] < 1
+  _metrics_agree(jax.device_get(metrics), torch_metrics, step)
+  grads = torch_import.to_reference_state_dict(
+      {'params': state.opt_state, 'batch_stats': state.batch_stats})
+  torch_grads = {f'{name}': p.grad.numpy() for name, p in student.named_parameters()}
+  grads = {k: v for k, v in grads.items() if k in torch_grads}
+  assert len(grads) == 30  # v, g and b of all ten layers.
+  _assert_state_dicts_close(grads, torch_grads)
+
+
+def test_ten_steps_match(batches, threshold):
+  """Ten full steps: SGD, EMA teacher and every running mean stay in agreement."""
+  config = _config(threshold)
+  step_config = train_state.StepConfig.from_config(config, STEPS_PER_EPOCH)
+  state = _initial_state(config, train_state.make_optimizer(config, step_config))
+  student, teacher = _torch_networks(state)
+  optimizer = ref.make_optimizer(student, _hparams(config))
+  initial_student, initial_teacher = _reference_state_dicts(state)
+  jax_step = jax.jit(train_state.train_step, static_argnums=2)
+
+  for step, (jax_batch, torch_batch) in enumerate(zip(*batches)):
+    state, metrics = jax_step(state, jax_batch, step_config)
+    torch_metrics = ref.train_step(student, teacher, optimizer, torch_batch, _epoch(step),
+                                   _hparams(config))
+    _metrics_agree(jax.device_get(metrics), torch_metrics, step)
+  assert torch_metrics['lr'] < config.learning_rate and torch_metrics['lc_weight'] > 0
+
+  jax_student, jax_teacher = _reference_state_dicts(state)
+  _assert_state_dicts_close(jax_student, _torch_state(student))
+  _assert_state_dicts_close(jax_teacher, _torch_state(teacher))
+  # Every parameter and running mean moved by far more than the tolerance.
+  for before, after in ((initial_student, jax_student), (initial_teacher, jax_teacher)):
+    for name in before:
+      moved = np.abs(after[name] - before[name]).max()
+      assert moved > 100 * ATOL_OF_SCALE * np.abs(after[name]).max(), name

@@ -1,0 +1,167 @@
+"""The training loop end to end on the embedded digits data, with a tiny network."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from lcmt_jax import checkpointing
+from lcmt_jax import configuration
+from lcmt_jax import metrics_log
+from lcmt_jax import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  config = quickstart.get_config()
+  config.update(width=8, labeled_batch_size=16, unlabeled_batch_size=128, num_epochs=2,
+                eval_every_epochs=1, checkpoint_every_epochs=1, lc_start=1, lc_rampup=1,
+                lc_weight=1.0, lc_threshold=2.0,
+                decay_start=2, decay_end=3, progress_bar=False, eval_batch_size=250)
+  config.update(overrides)
+  return config
+
+
+def latest_state(workdir):
+  """The latest checkpoint of `workdir` as host arrays, and its loop state."""
+  checkpoints = checkpointing.RunCheckpoints(workdir)
+  state, loop = checkpoints.restore('latest')
+  checkpoints.close()
+  return jax.device_get(state), loop
+
+
+def test_quickstart_writes_metrics_checkpoints_and_summary(tmp_path):
+  summary = trainer.train_and_evaluate(tiny_config(), str(tmp_path))
+  records = metrics_log.read_records(tmp_path / 'metrics.jsonl')
+  assert [(r['epoch'], r['kind']) for r in records] == [
+      (1, 'train'), (1, 'eval'), (2, 'train'), (2, 'eval')]
+  assert {'ce_loss', 'consistency_loss', 'lc_loss', 'lc_within_lu', 'images_per_second'} <= set(
+      records[0])
+  assert all(np.isfinite(v) for r in records for k, v in r.items() if k != 'kind')
+  assert 0.0 <= summary['final/test/teacher_error'] <= 1.0
+  assert json.loads((tmp_path / 'summary.json').read_text()) == summary
+  assert os.listdir(tmp_path / 'tensorboard')
+  for kind in ('latest', 'best'):
+    assert checkpointing.RunCheckpoints(str(tmp_path)).latest_epoch(kind) is not None
+
+
+def test_resume_continues_exactly(tmp_path):
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  trainer.train_and_evaluate(tiny_config(num_epochs=3), str(straight))
+  trainer.train_and_evaluate(tiny_config(num_epochs=2), str(resumed))
+  trainer.train_and_evaluate(tiny_config(num_epochs=3), str(resumed))
+
+  state_a, loop_a = latest_state(str(straight))
+  state_b, loop_b = latest_state(str(resumed))
+  assert loop_a['epoch'] == loop_b['epoch'] == 3
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+  records_a = metrics_log.read_records(straight / 'metrics.jsonl')
+  records_b = metrics_log.read_records(resumed / 'metrics.jsonl')
+  drop_speed = lambda rs: [{k: v for k, v in r.items() if k != 'images_per_second'} for r in rs]
+  assert drop_speed(records_a) == drop_speed(records_b)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  with pytest.raises(trainer.errors.UserInputError, match='different config.*lc_weight'):
+    trainer.train_and_evaluate(tiny_config(num_epochs=2, lc_weight=3.0), str(tmp_path))
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('width', 0, 'config.width=0 is invalid'),
+    ('method', 'mt+lc', "config.method='mt\\+lc' is invalid"),
+    ('ema_decay', 1.5, 'config.ema_decay=1.5 is invalid'),
+    ('decay_end', 1, 'decay_end=1 is before'),
+    ('selection', 'validation', 'needs a validation split'),
+])
+def test_config_validation_rejects_impossible_values(key, value, message):
+  config = tiny_config()
+  config[key] = value
+  with pytest.raises(configuration.ConfigError, match=message):
+    configuration.validate(config)
+
+
+def test_config_validation_rejects_unknown_keys():
+  config = tiny_config()
+  config.learning_rat = 0.1
+  with pytest.raises(configuration.ConfigError, match="unknown config key 'learning_rat'"):
+    configuration.validate(config)
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.width=-3', 'config.width=-3 is invalid'),
+    ('--config.no_such_key=1', 'no_such_key'),
+])
+def test_train_py_exits_2_with_one_line_error(tmp_path, flag, message):
+  result = subprocess.run(
+      [sys.executable, 'train.py', f'--workdir={tmp_path / "run"}', flag],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent('''
+    import functools, jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from lcmt_jax import input_pipeline, train_state, trainer
+    from tests.test_trainer import tiny_config
+
+    config = tiny_config()
+    split = input_pipeline.load_split(config)
+    steps_per_epoch = input_pipeline.steps_per_epoch(len(split.unlabeled_images), 128)
+    step_config = train_state.StepConfig.from_config(config, steps_per_epoch)
+    model = trainer.build_model(config, 10)
+    tx = train_state.make_optimizer(config, step_config)
+
+    def run(devices):
+      mesh = trainer.make_mesh(devices)
+      data = trainer.put_data_on_device(split, mesh)
+      replicated = NamedSharding(mesh, P())
+      state = jax.jit(functools.partial(trainer._initial_state, config, model, tx, split.info),
+                      out_shardings=replicated)(data, jax.random.PRNGKey(0))
+      fn = jax.jit(functools.partial(
+          trainer.run_steps, num_steps=3, step_config=step_config, info=split.info,
+          labeled_batch_size=16, unlabeled_batch_size=128,
+          batch_sharding=NamedSharding(mesh, P('data'))), out_shardings=(replicated, replicated))
+      state, metrics = fn(state, data, jax.random.PRNGKey(1))
+      return jax.device_get((state.params, state.teacher_params, state.batch_stats, metrics))
+
+    assert jax.device_count() == 4
+    one, four = run(jax.devices()[:1]), run(jax.devices())
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one, four)
+    print('MAXDIFF', max(jax.tree.leaves(diffs)))
+''')
+
+
+def test_four_devices_equal_one_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  result = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  max_diff = float(result.stdout.split('MAXDIFF')[1])
+  # Same global batch, so the same computation up to the order of float32 sums.
+  assert max_diff < 1e-4
+
+
+def test_divergence_stops_with_step_and_term_and_keeps_checkpoints(tmp_path):
+  # An absurd LC weight from epoch 2 on: epoch 1 trains and is checkpointed, then the run blows up.
+  diverging = dict(lc_start=2, lc_rampup=0, lc_weight=1e38)
+  trainer.train_and_evaluate(tiny_config(num_epochs=1, **diverging), str(tmp_path / 'one_epoch'))
+  with pytest.raises(trainer.TrainingDivergedError, match=r'became (nan|inf) at step \d+'):
+    trainer.train_and_evaluate(tiny_config(num_epochs=3, **diverging), str(tmp_path / 'run'))
+  good, loop = latest_state(str(tmp_path / 'one_epoch'))
+  kept, kept_loop = latest_state(str(tmp_path / 'run'))
+  assert kept_loop['epoch'] == loop['epoch'] == 1
+  for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(kept)):
+    np.testing.assert_array_equal(a, b)
