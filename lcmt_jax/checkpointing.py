@@ -12,7 +12,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lcmt_jax import errors
+
 KINDS = ('latest', 'best')
+
+
+class CheckpointError(errors.UserInputError):
+  """A checkpoint on disk cannot be read."""
 
 
 class RunCheckpoints:
@@ -22,7 +28,9 @@ class RunCheckpoints:
     self._managers = {
         kind: ocp.CheckpointManager(
             os.path.join(os.path.abspath(workdir), 'checkpoints', kind),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+            # A save killed midway leaves only a temporary directory: removed on the next start.
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                                 cleanup_tmp_directories=True),
             item_names=('state', 'loop'))
         for kind in KINDS
     }
@@ -45,8 +53,15 @@ class RunCheckpoints:
     abstract = None
     if target_state is not None:
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+    epoch = manager.latest_step()
+    try:
+      restored = manager.restore(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax and tensorstore raise many types for a damaged file.
+      raise CheckpointError(
+          f'checkpoint {manager.directory / str(epoch)} cannot be read ({type(e).__name__}: '
+          f'{str(e).splitlines()[0] if str(e) else ""}); move it away to start that run over, '
+          f'or use a new --workdir') from e
     return restored.state, restored.loop
 
   def wait_until_finished(self) -> None:

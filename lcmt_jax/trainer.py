@@ -174,6 +174,28 @@ def _initial_state(config, model, tx, info, data, key):
                                         config.teacher_init)
 
 
+def build_step_config(config: ml_collections.ConfigDict,
+                      split: input_pipeline.SplitData) -> train_state.StepConfig:
+  """The run's static step hyper-parameters; an epoch is one pass over the unlabelled images."""
+  steps_per_epoch = input_pipeline.steps_per_epoch(len(split.unlabeled_images),
+                                                   config.unlabeled_batch_size)
+  return train_state.StepConfig.from_config(config, steps_per_epoch)
+
+
+def build_state(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+                data: dict[str, jax.Array], mesh: Mesh, step_config: train_state.StepConfig,
+                key: jax.Array) -> train_state.TrainState:
+  """The run's freshly initialised train state, replicated over `mesh`.
+
+  Also the target a checkpoint is restored into: it fixes the structure,
+  dtypes and shardings of the restored state.
+  """
+  model = build_model(config, info.num_classes)
+  tx = train_state.make_optimizer(config, step_config)
+  return jax.jit(functools.partial(_initial_state, config, model, tx, info),
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))(data, key)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run described by `config` in `workdir`; returns its summary."""
   configuration.validate(config)
@@ -186,14 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
 
-  steps_per_epoch = input_pipeline.steps_per_epoch(len(split.unlabeled_images),
-                                                   config.unlabeled_batch_size)
-  step_config = train_state.StepConfig.from_config(config, steps_per_epoch)
-  model = build_model(config, info.num_classes)
-  tx = train_state.make_optimizer(config, step_config)
+  step_config = build_step_config(config, split)
+  steps_per_epoch = step_config.steps_per_epoch
   state_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = jax.jit(functools.partial(_initial_state, config, model, tx, info),
-                  out_shardings=replicated)(data, state_key)
+  state = build_state(config, info, data, mesh, step_config, state_key)
 
   checkpoints = checkpointing.RunCheckpoints(workdir)
   loop = {'epoch': 0, 'best_epoch': 0, 'best_selection_accuracy': -1.0, 'train_seconds': 0.0}

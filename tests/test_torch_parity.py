@@ -40,6 +40,7 @@ from lcmt_jax import train_state  # pylint: disable=wrong-import-position
 WIDTH, N_LABELED, N_UNLABELED, SIZE = 8, 8, 16, 32
 STEPS_PER_EPOCH = 2  # Ten steps span epochs 1-5: every ramp and the lr decay move.
 NUM_STEPS = 10
+REFERENCE_LR, STABLE_LR = 0.05, 0.002  # See test_ten_steps_match.
 FORWARD_ATOL = 1e-4
 RTOL, ATOL_OF_SCALE = 1e-4, 1e-5
 
@@ -156,17 +157,28 @@ def test_train_forward_matches_including_running_means():
 # --- Losses -----------------------------------------------------------------------------------
 
 
-def _threshold_between_pairs(a, b, quantile=0.5):
+def _pair_distances(fl, fu):
+  """Every labelled-unlabelled and off-diagonal unlabelled-unlabelled `d_ij`, in float64."""
+  fl, fu = np.asarray(fl, np.float64), np.asarray(fu, np.float64)
+  lu = ((fl[:, None] - fu[None]) ** 2).mean(-1).ravel()
+  uu = ((fu[:, None] - fu[None]) ** 2).mean(-1)
+  return np.concatenate([lu, uu[~np.eye(len(fu), dtype=bool)]])
+
+
+def _threshold_between_pairs(fl, fu, quantile):
   """A threshold in the widest gap between the pair distances near `quantile`.
 
   Some pairs fall inside and some outside, and no distance lies within float32
-  rounding of it, so both sides build the same mask.
+  rounding of it (asserted: 1e-4 of it), so both sides build the same mask.
+  A pair on different sides would change the loss by `T exp(-1) / sum(m)` at once.
   """
-  d = np.sort(((a[:, None, :].astype(np.float64) - b[None]) ** 2).mean(-1), axis=None)
-  middle = int(quantile * d.size)
-  window = d[middle - d.size // 10: middle + d.size // 10]
+  d = np.sort(_pair_distances(fl, fu))
+  middle, half_window = int(quantile * d.size), d.size // 20
+  window = d[middle - half_window: middle + half_window]
   gap = int(np.argmax(np.diff(window)))
-  return float((window[gap] + window[gap + 1]) / 2)
+  threshold = float((window[gap] + window[gap + 1]) / 2)
+  assert np.abs(d - threshold).min() > 1e-4 * threshold
+  return threshold
 
 
 def test_loss_terms_and_their_gradients_match():
@@ -176,7 +188,7 @@ def test_loss_terms_and_their_gradients_match():
   labels = rng.integers(0, 10, size=N_LABELED)
   fl, fu = rng.normal(size=(N_LABELED, WIDTH)), rng.normal(size=(N_UNLABELED, WIDTH))
   zl, tl, zu, tu, fl, fu = (x.astype(np.float32) for x in (zl, tl, zu, tu, fl, fu))
-  threshold = _threshold_between_pairs(fl, fu)
+  threshold = _threshold_between_pairs(fl, fu, quantile=0.5)
 
   def jax_terms(zl, zu, fl, fu):
     return {'ce': losses.cross_entropy_loss(zl, labels),
@@ -239,10 +251,11 @@ def batches():
   return _batches(NUM_STEPS)
 
 
-def _config(threshold):
-  """The faithful CIFAR-10 config with short epochs and every term active from epoch 1."""
+def _config(threshold, learning_rate):
+  """The faithful CIFAR-10 config, with every term active from epoch 1 and the lr decaying in 10 steps."""
   config = default_config.get_config()
-  config.update(lc_start=0, lc_rampup=3, lc_threshold=threshold, decay_start=2, decay_end=7)
+  config.update(lc_start=0, lc_rampup=3, lc_threshold=threshold, decay_start=2, decay_end=7,
+                learning_rate=learning_rate)
   return config
 
 
@@ -256,28 +269,40 @@ def _hparams(config) -> ref.HParams:
 
 
 def _epoch(step):
-  """REFERENCE.md: the schedules' epoch, counted from 1."""
+  """REFERENCE.md: the schedules' epoch, counted from 1 (JAX derives it from the step count)."""
   return step // STEPS_PER_EPOCH + 1
 
 
-@pytest.fixture(scope='module')
-def threshold(batches):
-  """Splits the student's initial labelled-unlabelled feature distances near their median."""
-  state = _initial_state(_config(50.0), optax.identity())
-  jax_batch = batches[0][0]
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  _, fl, stats = models.apply_with_features(state.apply_fn, variables,
-                                            jax_batch['labeled_student'], train=True)
-  _, fu, _ = models.apply_with_features(state.apply_fn, {**variables, 'batch_stats': stats},
-                                        jax_batch['unlabeled_student'], train=True)
-  return _threshold_between_pairs(np.asarray(fl), np.asarray(fu))
-
-
 def _initial_state(config, tx):
-  """The reference's start: student and an independently initialised teacher."""
+  """The reference's start: a student and an independently initialised teacher."""
   return train_state.create_train_state(
       _jax_model(), tx, _key(0), jnp.asarray(_images(10, N_LABELED)),
       jnp.asarray(_images(11, N_LABELED)), teacher_init='independent')
+
+
+def _thresholds(batches):
+  """Thresholds inside the initial student's feature distances on the first batch."""
+  state = _initial_state(_config(50.0, REFERENCE_LR), optax.identity())
+
+  @jax.jit
+  def student_features(params, batch_stats, labeled, unlabeled):
+    _, fl, stats = models.apply_with_features(
+        state.apply_fn, {'params': params, 'batch_stats': batch_stats}, labeled, train=True)
+    _, fu, _ = models.apply_with_features(
+        state.apply_fn, {'params': params, 'batch_stats': stats}, unlabeled, train=True)
+    return fl, fu
+
+  batch = batches[0][0]
+  fl, fu = student_features(state.params, state.batch_stats, batch['labeled_student'],
+                            batch['unlabeled_student'])
+  return {'median': _threshold_between_pairs(fl, fu, quantile=0.5),
+          # Fewer pairs near the 90th percentile: the mask keeps its margin for ten steps.
+          'upper': _threshold_between_pairs(fl, fu, quantile=0.9)}
+
+
+@pytest.fixture(scope='module')
+def thresholds(batches):
+  return _thresholds(batches)
 
 
 def _torch_networks(state):
@@ -303,7 +328,7 @@ def _recorded_gradients() -> optax.GradientTransformation:
                                                 grads))
 
 
-def _metrics_agree(jax_metrics, torch_metrics, step):
+def _assert_metrics_agree(jax_metrics, torch_metrics, step):
   pairs = {'ce_loss': 'ce', 'consistency_loss': 'cons', 'lc_loss': 'lc', 'loss': 'loss',
            'consistency_weight': 'cons_weight', 'lc_weight': 'lc_weight', 'learning_rate': 'lr'}
   for jax_name, torch_name in pairs.items():
@@ -312,44 +337,100 @@ def _metrics_agree(jax_metrics, torch_metrics, step):
 
 
 @pytest.mark.parametrize('step', [2, 5])
-def test_step_gradients_match(batches, threshold, step):
-  """The gradient `train_step` takes, against the port's `loss.backward()`, at epoch 2 or 3."""
-  config = _config(threshold)
+def test_step_gradients_match(batches, thresholds, step):
+  """The gradient `train_step` takes against the port's `loss.backward()`, in epoch 2 or 3."""
+  config = _config(thresholds['median'], REFERENCE_LR)
   state = _initial_state(config, _recorded_gradients()).replace(step=step)
   student, teacher = _torch_networks(state)
   step_config = train_state.StepConfig.from_config(config, STEPS_PER_EPOCH)
   state, metrics = jax.jit(train_state.train_step, static_argnums=2)(
       state, batches[0][0], step_config)
-  optimizer = ref.make_optimizer(student, _hparams(config))
-  torch_metrics = ref.train_step(student, teacher, optimizer, batches[1][0], _epoch(step),
-                                 _hparams(config))
+  hparams = _hparams(config)
+  torch_metrics = ref.train_step(student, teacher, ref.make_optimizer(student, hparams),
+                                 batches[1][0], _epoch(step), hparams)
 
+  metrics = jax.device_get(metrics)
   assert metrics['consistency_weight'] > 0 and metrics['lc_weight'] > 0
-  assert 0 < metrics['lc_within_lu'] < 1 and 0 < metrics['lc_within_uu'] < 1
-  _metrics_agree(jax.device_get(metrics), torch_metrics, step)
+  assert 0.2 < metrics['lc_within_lu'] < 0.8 and 0.2 < metrics['lc_within_uu'] < 0.8
+  _assert_metrics_agree(metrics, torch_metrics, step)
   grads = torch_import.to_reference_state_dict(
       {'params': state.opt_state, 'batch_stats': state.batch_stats})
-  torch_grads = {f'{name}': p.grad.numpy() for name, p in student.named_parameters()}
-  grads = {k: v for k, v in grads.items() if k in torch_grads}
-  assert len(grads) == 30  # v, g and b of all ten layers.
-  _assert_state_dicts_close(grads, torch_grads)
+  torch_grads = {name: p.grad.numpy() for name, p in student.named_parameters()}
+  assert len(torch_grads) == 30  # v, g and b of ten layers.
+  _assert_state_dicts_close({k: grads[k] for k in torch_grads}, torch_grads)
 
 
-def test_ten_steps_match(batches, threshold):
-  """Ten full steps: SGD, EMA teacher and every running mean stay in agreement."""
-  config = _config(threshold)
+def test_optimizer_matches_torch_sgd():
+  """`make_optimizer` against `torch.optim.SGD` on the same gradients, lr schedule included.
+
+  Without a network in the loop nothing amplifies rounding, so the reference's
+  lr 0.05 and weight decay 1e-4 (a ~1e-4 relative move in ten steps, asserted
+  visible) are checked to float32 precision.
+  """
+  config = _config(50.0, REFERENCE_LR)
+  tx = train_state.make_optimizer(config, train_state.StepConfig.from_config(config, STEPS_PER_EPOCH))
+  variables = _initialised_jax_variables(0)
+  params, opt_state = variables['params'], tx.init(variables['params'])
+  results = {}
+  for weight_decay in (config.weight_decay, 0.0):
+    model = _torch_model(variables)
+    optimizer = ref.make_optimizer(model, dataclasses.replace(_hparams(config),
+                                                              weight_decay=weight_decay))
+    rng = np.random.default_rng(0)
+    for step in range(NUM_STEPS):
+      grads = jax.tree_util.tree_map(
+          lambda p: rng.normal(0.0, 0.1, p.shape).astype(np.float32), variables['params'])
+      if weight_decay:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+      torch_grads = torch_import.to_reference_state_dict(
+          {'params': grads, 'batch_stats': variables['batch_stats']})
+      for group in optimizer.param_groups:  # As ref.train_step sets it.
+        group['lr'] = ref.linear_decay_lr(_epoch(step), config.learning_rate, config.decay_start,
+                                          config.decay_end)
+      for name, p in model.named_parameters():
+        p.grad = torch.as_tensor(torch_grads[name])
+      optimizer.step()
+    results[weight_decay] = _torch_state(model)
+
+  with_decay = results[config.weight_decay]
+  got = torch_import.to_reference_state_dict({**variables, 'params': params})
+  _assert_state_dicts_close(got, with_decay, rtol=1e-6, atol_of_scale=1e-6)
+  start = torch_import.to_reference_state_dict(variables)
+  for name, value in with_decay.items():
+    if not name.endswith('running_mean'):
+      decay_effect = np.abs(value - results[0.0][name]).max()
+      assert decay_effect > 30 * 1e-6 * np.abs(value).max(), name
+      assert np.abs(value - start[name]).max() > 1e-2 * np.abs(value).max(), name
+
+
+def test_ten_steps_match(batches, thresholds):
+  """Ten full steps: SGD, EMA teacher and every running mean stay in agreement.
+
+  At the reference's lr 0.05 this width-8 network on random images and labels
+  is chaotic: a 1e-7 relative perturbation of JAX's own start grows to 1e-2 in
+  three steps (and without the consistency term the loss diverges), so no two
+  float32 implementations can agree there. At lr 0.002 the same perturbation
+  stays ~5e-7 while every parameter still moves by >1e-3 of its scale; the
+  optimiser itself is checked at lr 0.05 above.
+  """
+  config = _config(thresholds['upper'], STABLE_LR)
   step_config = train_state.StepConfig.from_config(config, STEPS_PER_EPOCH)
   state = _initial_state(config, train_state.make_optimizer(config, step_config))
   student, teacher = _torch_networks(state)
-  optimizer = ref.make_optimizer(student, _hparams(config))
+  hparams = _hparams(config)
+  optimizer = ref.make_optimizer(student, hparams)
   initial_student, initial_teacher = _reference_state_dicts(state)
   jax_step = jax.jit(train_state.train_step, static_argnums=2)
 
+  partial_masks = 0
   for step, (jax_batch, torch_batch) in enumerate(zip(*batches)):
     state, metrics = jax_step(state, jax_batch, step_config)
-    torch_metrics = ref.train_step(student, teacher, optimizer, torch_batch, _epoch(step),
-                                   _hparams(config))
-    _metrics_agree(jax.device_get(metrics), torch_metrics, step)
+    metrics = jax.device_get(metrics)
+    torch_metrics = ref.train_step(student, teacher, optimizer, torch_batch, _epoch(step), hparams)
+    _assert_metrics_agree(metrics, torch_metrics, step)
+    partial_masks += bool(0 < metrics['lc_within_lu'] < 1)
+  assert partial_masks >= 3
   assert torch_metrics['lr'] < config.learning_rate and torch_metrics['lc_weight'] > 0
 
   jax_student, jax_teacher = _reference_state_dicts(state)
@@ -359,4 +440,4 @@ def test_ten_steps_match(batches, threshold):
   for before, after in ((initial_student, jax_student), (initial_teacher, jax_teacher)):
     for name in before:
       moved = np.abs(after[name] - before[name]).max()
-      assert moved > 100 * ATOL_OF_SCALE * np.abs(after[name]).max(), name
+      assert moved > 30 * ATOL_OF_SCALE * np.abs(after[name]).max(), name

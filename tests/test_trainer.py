@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -164,4 +165,49 @@ def test_divergence_stops_with_step_and_term_and_keeps_checkpoints(tmp_path):
   kept, kept_loop = latest_state(str(tmp_path / 'run'))
   assert kept_loop['epoch'] == loop['epoch'] == 1
   for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(kept)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unreadable_checkpoint_is_a_one_line_error_and_damages_nothing(tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  for root, _, files in os.walk(tmp_path / 'checkpoints' / 'latest'):
+    for name in files:
+      if 'state' in root.split(os.sep):
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.truncate(max(os.path.getsize(f.name) // 3, 1))
+  metrics_before = (tmp_path / 'metrics.jsonl').read_bytes()
+  with pytest.raises(checkpointing.CheckpointError, match='cannot be read.*move it away'):
+    trainer.train_and_evaluate(tiny_config(num_epochs=2), str(tmp_path))
+  assert (tmp_path / 'metrics.jsonl').read_bytes() == metrics_before
+
+
+TINY_FLAGS = [f'--config.{k}={v}' for k, v in dict(
+    width=8, labeled_batch_size=16, unlabeled_batch_size=128, eval_every_epochs=1,
+    checkpoint_every_epochs=1, lc_start=1, lc_rampup=1, lc_weight=1.0, lc_threshold=2.0,
+    decay_start=2, decay_end=3, progress_bar=False, eval_batch_size=250).items()]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+  command = [sys.executable, 'train.py', '--config=configs/quickstart.py', *TINY_FLAGS,
+             '--config.num_epochs=3']
+  straight = subprocess.run([*command, f'--workdir={tmp_path / "straight"}'], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+
+  killed_dir = tmp_path / 'killed'
+  process = subprocess.Popen([*command, f'--workdir={killed_dir}'], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first_checkpoint = killed_dir / 'checkpoints' / 'latest' / '1'
+  while process.poll() is None and not first_checkpoint.exists():
+    time.sleep(0.05)
+  process.kill()  # SIGKILL, during epoch 2 (or while checkpoint 1 is being written).
+  process.wait()
+  resumed = subprocess.run([*command, f'--workdir={killed_dir}'], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+  state_a, loop_a = latest_state(str(tmp_path / 'straight'))
+  state_b, loop_b = latest_state(str(killed_dir))
+  assert loop_a['epoch'] == loop_b['epoch'] == 3
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, b)

@@ -1,0 +1,273 @@
+"""Evaluates a finished run, or a checkpoint of the PyTorch reference: errors, per-class accuracy,
+confusion matrices.
+
+    python -m lcmt_jax.evaluate --workdir=runs/quickstart/mt_lc_seed0 [--checkpoint=best|latest]
+    python -m lcmt_jax.evaluate --torch_checkpoint=model.pth --config=configs/cifar10.py
+
+A run is rebuilt from its `config.json`: the same split, the same
+initialised state as the trainer builds it (the restore target), then its
+checkpoint. A reference checkpoint holds one network; it is evaluated as
+'model'. Bad input (no such workdir, no checkpoint, an unreadable file) ends
+with a one-line error and exit status 2, as `train.py` does.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lcmt_jax import checkpointing
+from lcmt_jax import configuration
+from lcmt_jax import errors
+from lcmt_jax import input_pipeline
+from lcmt_jax import torch_import
+from lcmt_jax import train_state
+from lcmt_jax import trainer
+
+SPLITS = ('test', 'validation')
+
+
+class RunNotFoundError(errors.UserInputError):
+  """The workdir does not exist or holds no run config."""
+
+
+class CheckpointNotFoundError(errors.UserInputError):
+  """The run has no checkpoint of the asked kind."""
+
+
+class TorchCheckpointError(errors.UserInputError):
+  """A PyTorch checkpoint cannot be read or does not fit the config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluable:
+  """A state ready to evaluate, the data to evaluate it on, and which networks it holds.
+
+  `networks` maps a reported name to the state's network that computes it:
+  a run has 'student' and 'teacher'; an imported reference checkpoint is
+  loaded as both and reported once, as 'model'.
+  """
+
+  config: ml_collections.ConfigDict
+  split: input_pipeline.SplitData
+  data: dict[str, jax.Array]
+  state: train_state.TrainState
+  predict_fn: Callable[..., dict[str, jax.Array]]
+  networks: dict[str, str]
+  description: str
+
+  def predict(self, split_name: str) -> dict[str, np.ndarray]:
+    """Host copies of the class predictions ('student', 'teacher') and 'teacher_features'."""
+    return jax.device_get(self.predict_fn(self.state, self.data[f'{split_name}_images']))
+
+  def labels(self, split_name: str) -> np.ndarray:
+    return getattr(self.split, f'{split_name}_labels')
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with, from `workdir/config.json`."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isdir(workdir):
+    raise RunNotFoundError(f'no such workdir: {workdir}')
+  if not os.path.isfile(path):
+    raise RunNotFoundError(f'{workdir} holds no config.json: it is not a run workdir written by '
+                           'train.py')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _prepare(config: ml_collections.ConfigDict, key: jax.Array):
+  """The split, its on-device data, a freshly built state and a jitted predict, as the trainer has."""
+  configuration.validate(config)
+  mesh = trainer.make_mesh()
+  split = input_pipeline.load_split(config)
+  data = trainer.put_data_on_device(split, mesh)
+  step_config = trainer.build_step_config(config, split)
+  state = trainer.build_state(config, split.info, data, mesh, step_config, key)
+  predict_fn = jax.jit(functools.partial(
+      trainer.predict, batch_size=config.eval_batch_size, info=split.info,
+      batch_sharding=NamedSharding(mesh, PartitionSpec('data'))))
+  return split, data, state, predict_fn
+
+
+def restore_run(workdir: str, kind: str = 'best') -> Evaluable:
+  """The run in `workdir` with its newest `kind` checkpoint ('best' or 'latest')."""
+  if kind not in checkpointing.KINDS:
+    raise CheckpointNotFoundError(f'checkpoint kind {kind!r} is not one of {checkpointing.KINDS}')
+  config = load_run_config(workdir)
+  # RunCheckpoints creates missing directories, so look before building it.
+  kind_dir = os.path.join(workdir, 'checkpoints', kind)
+  if not (os.path.isdir(kind_dir) and any(name.isdigit() for name in os.listdir(kind_dir))):
+    raise CheckpointNotFoundError(f'{workdir} has no {kind} checkpoint (looked in {kind_dir}); '
+                                  'train the run first, or pick the other --checkpoint kind')
+  split, data, target, predict_fn = _prepare(config, jax.random.PRNGKey(config.seed))
+  checkpoints = checkpointing.RunCheckpoints(workdir)
+  try:
+    state, loop = checkpoints.restore(kind, target)
+  finally:
+    checkpoints.close()
+  description = (f'{workdir}: {kind} checkpoint (epoch {loop["epoch"]}), {config.method} on '
+                 f'{config.dataset}, seed {config.seed}')
+  return Evaluable(config, split, data, state, predict_fn,
+                   {'student': 'student', 'teacher': 'teacher'}, description)
+
+
+def _read_torch_variables(path: str, key: str) -> dict:
+  if not os.path.isfile(path):
+    raise TorchCheckpointError(f'no such PyTorch checkpoint file: {path}')
+  try:
+    return torch_import.load_reference_state_dict(path, key=key)
+  # torch.load reports a damaged or foreign file with many exception types.
+  except Exception as e:  # pylint: disable=broad-except
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise TorchCheckpointError(f'cannot read {path} as a reference ConvLarge checkpoint: '
+                               f'{reason}') from e
+
+
+def import_torch_checkpoint(config: ml_collections.ConfigDict, path: str,
+                            key: str = 'state_dict') -> Evaluable:
+  """A reference checkpoint's network as both student and teacher, evaluated on `config`'s data.
+
+  The width follows the checkpoint; its class count must match the data set's.
+  """
+  variables = _read_torch_variables(path, key)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.width = int(variables['params']['conv1a']['v'].shape[-1])
+  num_classes = int(variables['params']['dense']['v'].shape[-1])
+  expected_classes = input_pipeline.get_info(config.dataset).num_classes
+  if num_classes != expected_classes:
+    raise TorchCheckpointError(f'{path} has {num_classes} outputs but {config.dataset} has '
+                               f'{expected_classes} classes: pass the matching --config')
+  split, data, target, predict_fn = _prepare(config, jax.random.PRNGKey(0))
+  replicated = NamedSharding(trainer.make_mesh(), PartitionSpec())
+  params, batch_stats = (jax.device_put(variables[c], replicated) for c in ('params', 'batch_stats'))
+  if jax.tree.structure(params) != jax.tree.structure(target.params):
+    raise TorchCheckpointError(f'{path} does not hold a ConvLarge of this project')
+  state = target.replace(params=params, batch_stats=batch_stats, teacher_params=params,
+                         teacher_batch_stats=batch_stats)
+  description = f'{path}: PyTorch reference checkpoint (width {config.width}) on {config.dataset}'
+  return Evaluable(config, split, data, state, predict_fn, {'model': 'teacher'}, description)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+  """`counts[true, predicted]`, int64."""
+  flat = np.asarray(labels, np.int64) * num_classes + np.asarray(predictions, np.int64)
+  return np.bincount(flat, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def error_rate(confusion: np.ndarray) -> float:
+  """`1 - trace / total`: the top-1 error."""
+  return 1.0 - float(np.trace(confusion)) / float(confusion.sum())
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+  """The recall of each class: the diagonal over the row sums (NaN for an absent class)."""
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.diag(confusion) / confusion.sum(axis=1)
+
+
+def evaluate(evaluable: Evaluable) -> dict[str, dict[str, np.ndarray]]:
+  """Confusion matrices `{split: {network: counts[true, predicted]}}` of every non-empty split."""
+  num_classes = evaluable.split.info.num_classes
+  results = {}
+  for split_name in SPLITS:
+    labels = evaluable.labels(split_name)
+    if len(labels):
+      predictions = evaluable.predict(split_name)
+      results[split_name] = {
+          name: confusion_matrix(labels, predictions[network], num_classes)
+          for name, network in evaluable.networks.items()}
+  return results
+
+
+def format_confusion(confusion: np.ndarray) -> str:
+  """A fixed-width table: one row per true class, one column per predicted class, then recall."""
+  classes = range(confusion.shape[0])
+  width = max(5, len(str(confusion.max())) + 1)
+  lines = ['true\\pred' + ''.join(f'{c:>{width}}' for c in classes) + '  accuracy']
+  for c, (row, accuracy) in enumerate(zip(confusion, per_class_accuracy(confusion))):
+    lines.append(f'{c:>9}' + ''.join(f'{n:>{width}}' for n in row) + f'  {100 * accuracy:7.2f}%')
+  return '\n'.join(lines)
+
+
+def format_results(description: str, results: dict[str, dict[str, np.ndarray]]) -> str:
+  lines = [description]
+  for split_name, by_network in results.items():
+    total = int(next(iter(by_network.values())).sum())
+    lines.append(f'{split_name} ({total} images): ' + ', '.join(
+        f'{name} error {100 * error_rate(c):.2f}%' for name, c in by_network.items()))
+  for split_name, by_network in results.items():
+    for name, confusion in by_network.items():
+      lines += ['', f'{name} on {split_name}: confusion matrix and per-class accuracy',
+                format_confusion(confusion)]
+  return '\n'.join(lines)
+
+
+def _define_flags() -> Any:
+  # Imported here so that importing this module defines no absl flags.
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string('workdir', None, 'A run directory written by train.py.')
+  flags.DEFINE_enum('checkpoint', 'best', list(checkpointing.KINDS),
+                    "Which of the run's checkpoints to evaluate.")
+  flags.DEFINE_string('torch_checkpoint', None,
+                      'A PyTorch reference checkpoint to evaluate instead of a run (needs --config).')
+  flags.DEFINE_string('torch_key', 'state_dict',
+                      'The entry of the PyTorch checkpoint dict that holds the state dict.')
+  return config_flags.DEFINE_config_file(
+      'config', None, 'Config whose data set a --torch_checkpoint is evaluated on.')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv: list[str], config_flag: Any) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  workdir, torch_path = flags.FLAGS.workdir, flags.FLAGS.torch_checkpoint
+  if (workdir is None) == (torch_path is None):
+    _fail('give exactly one of --workdir=DIR or --torch_checkpoint=FILE --config=CONFIG.py')
+  try:
+    if workdir is not None:
+      evaluable = restore_run(workdir, flags.FLAGS.checkpoint)
+    else:
+      try:
+        config = config_flag.value
+      except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        _fail(f'bad --config ({(str(e).strip().splitlines() or [repr(e)])[-1]})')
+      if config is None:
+        _fail('--torch_checkpoint needs --config=CONFIG.py naming the data set to evaluate on')
+      evaluable = import_torch_checkpoint(config, torch_path, flags.FLAGS.torch_key)
+    print(format_results(evaluable.description, evaluate(evaluable)), flush=True)
+  except errors.UserInputError as e:
+    _fail(str(e))
+
+
+def run() -> None:
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  config_flag = _define_flags()
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+      _fail(f'bad command line ({(str(e).strip().splitlines() or [repr(e)])[0]})')
+
+  app.run(functools.partial(main, config_flag=config_flag), flags_parser=parse)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,181 @@
+"""evaluate, plot and report on one tiny real run (digits, width 8, one epoch)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from sklearn import metrics as sk_metrics
+
+from lcmt_jax import checkpointing
+from lcmt_jax import evaluate
+from lcmt_jax import input_pipeline
+from lcmt_jax import models
+from lcmt_jax import plot
+from lcmt_jax import report
+from lcmt_jax import torch_import
+from lcmt_jax import trainer
+from tests.test_trainer import REPO, tiny_config
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """`(workdir, config, summary)` of a one-epoch run."""
+  workdir = str(tmp_path_factory.mktemp('runs') / 'mt_lc_seed0')
+  config = tiny_config(num_epochs=1)
+  summary = trainer.train_and_evaluate(config, workdir)
+  return workdir, config, summary
+
+
+@pytest.fixture(scope='module')
+def restored(run):
+  return evaluate.restore_run(run[0], 'latest')
+
+
+def _cli(*args, timeout=300):
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_evaluate_equals_an_independent_recomputation(run, restored):
+  workdir, config, summary = run
+  results = evaluate.evaluate(restored)
+  assert set(results) == {'test'}  # tiny_config holds out no validation split.
+
+  # Recompute from the raw checkpoint (no target state, no trainer code) and scikit-learn.
+  checkpoints = checkpointing.RunCheckpoints(workdir)
+  raw, _ = checkpoints.restore('latest')
+  checkpoints.close()
+  split = input_pipeline.load_split(config)
+  model = trainer.build_model(config, split.info.num_classes)
+  images = input_pipeline.normalize(split.test_images, split.info.mean, split.info.std)
+  for network, prefix in (('student', ''), ('teacher', 'teacher_')):
+    variables = {'params': raw[f'{prefix}params'], 'batch_stats': raw[f'{prefix}batch_stats']}
+    logits, _, _ = models.apply_with_features(model.apply, variables, images, train=False)
+    expected = sk_metrics.confusion_matrix(split.test_labels, np.argmax(logits, -1),
+                                           labels=range(10))
+    confusion = results['test'][network]
+    np.testing.assert_array_equal(confusion, expected)
+    np.testing.assert_array_equal(confusion.sum(axis=1), np.bincount(split.test_labels))
+    accuracy = np.trace(confusion) / confusion.sum()
+    assert evaluate.error_rate(confusion) == pytest.approx(1 - accuracy, abs=1e-12)
+    assert 1 - accuracy == pytest.approx(summary[f'final/test/{network}_error'], abs=1e-6)
+    np.testing.assert_allclose(evaluate.per_class_accuracy(confusion),
+                               np.diag(confusion) / np.bincount(split.test_labels))
+
+
+def test_evaluate_cli_prints_errors_and_confusion_tables(run):
+  workdir, _, summary = run
+  result = _cli('-m', 'lcmt_jax.evaluate', f'--workdir={workdir}', '--checkpoint=best')
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert f'teacher error {100 * summary["best/test/teacher_error"]:.2f}%' in out
+  assert f'student error {100 * summary["best/test/student_error"]:.2f}%' in out
+  assert out.count('true\\pred') == 2 and 'epoch 1' in out
+
+
+def test_evaluate_torch_checkpoint_equals_the_exported_teacher(run, restored, tmp_path):
+  torch = pytest.importorskip('torch')
+  teacher = jax.device_get({'params': restored.state.teacher_params,
+                            'batch_stats': restored.state.teacher_batch_stats})
+  path = tmp_path / 'teacher.pth'
+  torch.save({'state_dict': {k: torch.as_tensor(np.array(v)) for k, v in
+                             torch_import.to_reference_state_dict(teacher).items()}}, path)
+  imported = evaluate.import_torch_checkpoint(run[1], str(path))
+  confusion = evaluate.evaluate(imported)['test']['model']
+  np.testing.assert_array_equal(confusion, evaluate.evaluate(restored)['test']['teacher'])
+
+
+@pytest.mark.parametrize('case, message', [
+    ('missing_workdir', 'no such workdir'),
+    ('no_checkpoint', 'has no best checkpoint'),
+    ('bad_torch_file', 'cannot read'),
+])
+def test_evaluate_bad_input_exits_2_with_one_line(tmp_path, case, message):
+  if case == 'missing_workdir':
+    args = [f'--workdir={tmp_path / "nope"}']
+  elif case == 'no_checkpoint':
+    (tmp_path / 'config.json').write_text(tiny_config().to_json())
+    args = [f'--workdir={tmp_path}']
+  else:
+    (tmp_path / 'model.pth').write_bytes(b'not a torch file')
+    args = [f'--torch_checkpoint={tmp_path / "model.pth"}', '--config=configs/quickstart.py']
+  result = _cli('-m', 'lcmt_jax.evaluate', *args)
+  assert result.returncode == 2, result.stderr[-3000:]
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-3000:]
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_plot_writes_png_files(run, tmp_path):
+  workdir = run[0]
+  other = tmp_path / 'other_run'  # A second run to overlay: the same curves, another label.
+  other.mkdir()
+  (other / 'metrics.jsonl').write_text(open(os.path.join(workdir, 'metrics.jsonl')).read())
+  out = tmp_path / 'figures'
+  paths = plot.make_figures([workdir], str(out), checkpoint='latest')
+  paths.append(plot.plot_learning_curves([workdir, str(other)], str(out / 'overlaid.png')))
+  assert [os.path.basename(p) for p in paths] == [
+      'learning_curves.png', 'pca_mt_lc_seed0.png', 'overlaid.png']
+  for path in paths:
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    assert 0 < os.path.getsize(path) < 200_000
+
+
+def test_pca_projection_equals_scikit_learn_up_to_sign():
+  from sklearn import decomposition  # pylint: disable=import-outside-toplevel
+  features = np.random.default_rng(0).normal(size=(400, 6)) * np.array([10.0, 3, 1, .5, .2, .1])
+  points = plot.project_pca(features)
+  expected = decomposition.PCA(n_components=2).fit_transform(features)
+  signs = np.sign(np.sum(points * expected, axis=0))
+  np.testing.assert_allclose(points * signs, expected, atol=1e-8)
+
+
+def _fake_run(root, name, dataset, method, seed, errors):
+  workdir = root / name
+  workdir.mkdir(parents=True)
+  summary = {'dataset': dataset, 'method': method, 'seed': seed, 'epochs': 30, 'best_epoch': 25,
+             'selection': 'test', 'train_seconds': 1.0}
+  for key, value in zip([k for k, _ in report.COLUMNS], errors):
+    summary[key] = value
+  (workdir / 'summary.json').write_text(json.dumps(summary))
+
+
+def test_report_aggregates_seeds_to_mean_and_std(tmp_path):
+  # final teacher 10% and 14%: mean 12, sample std sqrt(((10-12)^2 + (14-12)^2) / 1) = 2.83.
+  # final student 20% and 20%: mean 20, std 0. best teacher 8% and 9%: 8.50 ± 0.71.
+  # best student 30% and 33%: 31.50 ± 2.12.
+  _fake_run(tmp_path / 'a', 'mt_seed0', 'digits', 'mt', 0, [0.10, 0.20, 0.08, 0.30])
+  _fake_run(tmp_path / 'b' / 'deeper', 'mt_seed1', 'digits', 'mt', 1, [0.14, 0.20, 0.09, 0.33])
+  _fake_run(tmp_path / 'a', 'sup_seed0', 'digits', 'supervised', 0, [0.5, 0.6, 0.4, 0.45])
+  table = report.report([str(tmp_path / 'a'), str(tmp_path / 'b')])
+  rows = {line.split('|')[2].strip(): [c.strip() for c in line.split('|')[1:-1]]
+          for line in table.splitlines() if line.startswith('| digits')}
+  assert rows['mt'][2:] == ['2 (0, 1)', '30', '12.00 ± 2.83', '20.00 ± 0.00', '8.50 ± 0.71',
+                            '31.50 ± 2.12']
+  assert rows['supervised'][2:] == ['1 (0)', '30', '50.00', '60.00', '40.00', '45.00']
+
+
+def test_report_falls_back_to_metrics_jsonl(run, tmp_path):
+  workdir, _, summary = run
+  copy = tmp_path / 'copy'
+  copy.mkdir()
+  for name in ('metrics.jsonl', 'config.json'):
+    (copy / name).write_text(open(os.path.join(workdir, name)).read())
+  rebuilt = report.load_run(str(copy))
+  assert not rebuilt.complete
+  for key, _ in report.COLUMNS:
+    assert rebuilt.summary[key] == pytest.approx(summary[key], abs=1e-12)
+
+
+def test_report_cli_writes_the_table_and_rejects_a_missing_dir(run, tmp_path):
+  out = tmp_path / 'table.md'
+  result = _cli('-m', 'lcmt_jax.report', run[0], '--out', str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert out.read_text() == result.stdout and '| digits | mt_lc | 1 (0) |' in result.stdout
+  result = _cli('-m', 'lcmt_jax.report', str(tmp_path / 'nope'))
+  assert result.returncode == 2 and result.stderr.startswith('error: no such directory')
