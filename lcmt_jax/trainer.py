@@ -235,41 +235,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   done_steps=loop['epoch'] * steps_per_epoch,
                                   enabled=config.progress_bar)
 
-  for epoch in range(loop['epoch'] + 1, config.num_epochs + 1):
-    epoch_start = time.perf_counter()
-    step_metrics = []
-    for start in range(0, steps_per_epoch, steps_per_call):
-      num_steps = min(steps_per_call, steps_per_epoch - start)
-      call_start = time.perf_counter()
-      state, metrics = train_fn(state, data, data_key, num_steps=num_steps)
-      metrics = jax.device_get(metrics)
-      _check_finite(metrics, first_step=(epoch - 1) * steps_per_epoch + start, loop=loop)
-      step_metrics.append(metrics)
-      progress.update(num_steps, time.perf_counter() - call_start, images_per_step, metrics)
-    loop['train_seconds'] += time.perf_counter() - epoch_start
-    record = {k: float(np.mean(np.concatenate([m[k] for m in step_metrics])))
-              for k in step_metrics[0]}
-    record['images_per_second'] = images_per_step * steps_per_epoch / (
-        time.perf_counter() - epoch_start)
-    log.write(epoch, 'train', record)
+  # Saves still being written finish even when the run stops with an error, so the
+  # checkpoints on disk are complete.
+  try:
+    for epoch in range(loop['epoch'] + 1, config.num_epochs + 1):
+      epoch_start = time.perf_counter()
+      step_metrics = []
+      for start in range(0, steps_per_epoch, steps_per_call):
+        num_steps = min(steps_per_call, steps_per_epoch - start)
+        call_start = time.perf_counter()
+        state, metrics = train_fn(state, data, data_key, num_steps=num_steps)
+        metrics = jax.device_get(metrics)
+        _check_finite(metrics, first_step=(epoch - 1) * steps_per_epoch + start, loop=loop)
+        step_metrics.append(metrics)
+        progress.update(num_steps, time.perf_counter() - call_start, images_per_step, metrics)
+      loop['train_seconds'] += time.perf_counter() - epoch_start
+      record = {k: float(np.mean(np.concatenate([m[k] for m in step_metrics])))
+                for k in step_metrics[0]}
+      record['images_per_second'] = images_per_step * steps_per_epoch / (
+          time.perf_counter() - epoch_start)
+      log.write(epoch, 'train', record)
 
-    if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
-      evaluation = _evaluate(predict_fn, state, data, split)
-      log.write(epoch, 'eval', evaluation)
-      progress.print(_format_eval(epoch, evaluation))
-      selection = evaluation[f'{config.selection}/teacher_accuracy']
-      if selection > loop['best_selection_accuracy']:
-        loop.update(best_epoch=epoch, best_selection_accuracy=selection,
-                    best_eval=evaluation)
-        checkpoints.save('best', epoch, state, {**loop, 'epoch': epoch})
-      loop['last_eval'] = evaluation
-    loop['epoch'] = epoch
-    if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
-      checkpoints.save('latest', epoch, state, loop)
-
-  checkpoints.wait_until_finished()
-  checkpoints.close()
-  progress.close()
+      if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
+        evaluation = _evaluate(predict_fn, state, data, split)
+        log.write(epoch, 'eval', evaluation)
+        progress.print(_format_eval(epoch, evaluation))
+        selection = evaluation[f'{config.selection}/teacher_accuracy']
+        if selection > loop['best_selection_accuracy']:
+          loop.update(best_epoch=epoch, best_selection_accuracy=selection,
+                      best_eval=evaluation)
+          checkpoints.save('best', epoch, state, {**loop, 'epoch': epoch})
+        loop['last_eval'] = evaluation
+      loop['epoch'] = epoch
+      if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
+        checkpoints.save('latest', epoch, state, loop)
+  finally:
+    checkpoints.wait_until_finished()
+    checkpoints.close()
+    progress.close()
   summary = _summary(config, loop)
   log.write_summary(summary)
   print(metrics_log.format_summary(summary), flush=True)
