@@ -189,17 +189,20 @@ def local_clustering_loss(fl: torch.Tensor, fu: torch.Tensor, threshold: float) 
 # --- Schedules, optimiser, teacher -----------------------------------------------------------
 
 def sigmoid_rampup(t: float, length: float) -> float:
-  """0 for `t <= 0`, 1 for `t >= length`, else `exp(-5 (1 - t / length)^2)`."""
-  if t <= 0:
-    return 0.0
+  """1 for `t >= length`, else 0 for `t <= 0`, else `exp(-5 (1 - t / length)^2)`.
+
+  The authors' code tests `t >= length` first, so a zero-length ramp is 1 from `t = 0`.
+  """
   if t >= length:
     return 1.0
+  if t <= 0:
+    return 0.0
   return math.exp(-5.0 * (1.0 - t / length) ** 2)
 
 
 def linear_decay_lr(epoch: int, base_lr: float, decay_start: int, decay_end: int) -> float:
-  """`base_lr` until `decay_start`, then linearly down to 0 at `decay_end`."""
-  if epoch <= decay_start:
+  """`base_lr` until `decay_start`, then linearly down to 0 at `decay_end`; no decay if `end <= start`."""
+  if epoch <= decay_start or decay_end <= decay_start:
     return base_lr
   return base_lr * (decay_end - epoch) / (decay_end - decay_start)
 

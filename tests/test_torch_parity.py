@@ -7,16 +7,18 @@ dropout 0 so that nothing random is left. A width-8 ConvLarge on 8 labelled +
 16 unlabelled 32x32 images keeps every compile and step to a few seconds.
 
 Tolerances. Both sides compute in float32 but sum in different orders (XLA's
-and oneDNN's convolutions, the Gram-matrix distances of `losses` against the
-port's broadcast differences), so single values differ by a few float32 ulps
-and the errors grow along the 10-layer network and its backward pass. The
-forward agrees to ~1e-6 (asserted: 1e-4 absolute). Gradients are compared
-leaf by leaf, relative to the leaf's largest entry, because many entries are
-near zero: measured agreement is ~1e-6 of it, asserted rtol 1e-4 plus atol
-1e-5 of the leaf scale. Ten optimiser steps move the parameters by ~1e-2 and
-amplify the per-step errors a little; measured agreement ~1e-6, asserted
-rtol 1e-4 / atol 1e-5, still far below any change a semantic difference makes
-(a lost Nesterov term, decay or running-mean update moves values by >1e-3).
+and oneDNN's convolutions; the Gram-matrix distances of `losses` against the
+port's broadcast differences), so values differ by float32 rounding that grows
+along the ten layers and back. Measured on the project's CPU: logits, features
+and running means within 3e-6 (asserted: 1e-4 absolute); loss terms within
+1e-7 relative. Gradients and parameters are compared leaf by leaf, the
+absolute tolerance relative to the leaf's largest entry since many entries are
+near zero: gradients agree to 1.6e-5 of that scale (the worst are the biases,
+sums over batch and space of nearly cancelling terms), ten full steps to 7e-7;
+asserted rtol 1e-4 plus atol 1e-5 of the scale. Each of those leaves moved by
+more than ten times that tolerance, and a semantic difference (a lost
+Nesterov term, a running-mean update missed, another EMA decay) changes them
+by far more.
 """
 
 import dataclasses
@@ -34,6 +36,7 @@ from benchmarks import torch_reference as ref  # pylint: disable=wrong-import-po
 from configs import default as default_config  # pylint: disable=wrong-import-position
 from lcmt_jax import losses  # pylint: disable=wrong-import-position
 from lcmt_jax import models  # pylint: disable=wrong-import-position
+from lcmt_jax import schedules  # pylint: disable=wrong-import-position
 from lcmt_jax import torch_import  # pylint: disable=wrong-import-position
 from lcmt_jax import train_state  # pylint: disable=wrong-import-position
 
@@ -222,6 +225,19 @@ def test_empty_clustering_mask_gives_zero_on_both_sides():
   a, b = np.zeros((3, 4), np.float32), np.full((5, 4), 10.0, np.float32)
   assert float(losses.pairwise_clustering_loss(a, b, 1.0)) == 0.0
   assert ref.pairwise_clustering_loss(torch.as_tensor(a), torch.as_tensor(b), 1.0).item() == 0.0
+
+
+def test_schedules_match():
+  """Ramps (zero-length ones included) and the lr decay, epoch by epoch."""
+  for length in (0, 1, 3, 5, 100):
+    for t in range(-2, 8):
+      np.testing.assert_allclose(schedules.sigmoid_rampup(t, length),
+                                 ref.sigmoid_rampup(t, length), rtol=1e-6, err_msg=f'{t}, {length}')
+  for start, end in ((800, 1000), (2, 7), (5, 5)):
+    for epoch in (1, 2, 3, 5, 6, 7, 799, 800, 801, 1000):
+      np.testing.assert_allclose(schedules.linear_decay_lr(epoch, 0.05, start, end),
+                                 ref.linear_decay_lr(epoch, 0.05, start, end), rtol=1e-6,
+                                 atol=1e-9, err_msg=f'{epoch}, {start}, {end}')
 
 
 # --- Training steps ---------------------------------------------------------------------------
@@ -440,4 +456,4 @@ def test_ten_steps_match(batches, thresholds):
   for before, after in ((initial_student, jax_student), (initial_teacher, jax_teacher)):
     for name in before:
       moved = np.abs(after[name] - before[name]).max()
-      assert moved > 30 * ATOL_OF_SCALE * np.abs(after[name]).max(), name
+      assert moved > 10 * ATOL_OF_SCALE * np.abs(after[name]).max(), name
