@@ -77,14 +77,20 @@ def plot_learning_curves(workdirs: Sequence[str], path: str) -> str:
       epochs, values = _curve(records, kind, key)
       if epochs.size:
         ax.plot(epochs, values, label=label, color=color,
-                marker='o' if kind == 'eval' else None, markersize=3, linewidth=1.2)
+                marker='o' if kind == 'eval' or epochs.size == 1 else None, markersize=3,
+                linewidth=1.2)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel('epoch', fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis('off')
-  handles, names = axes.flat[0].get_legend_handles_labels()
+  legend = {}  # Label -> handle, over every panel: a run may lack some metrics.
+  for ax in axes.flat:
+    for handle, name in zip(*ax.get_legend_handles_labels()):
+      legend.setdefault(name, handle)
+  names = [name for name in labels if name in legend]
+  handles = [legend[name] for name in names]
   fig.legend(handles, names, loc='lower center', ncol=min(len(names), 5), fontsize=8,
              frameon=False)
   fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.1, 1, 1))
