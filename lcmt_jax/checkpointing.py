@@ -24,13 +24,16 @@ class CheckpointError(errors.UserInputError):
 class RunCheckpoints:
   """`workdir/checkpoints/latest` and `workdir/checkpoints/best`, one checkpoint each."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, read_only: bool = False):
+    """`read_only` opens a run for inspection without touching it, even while it trains."""
     self._managers = {
         kind: ocp.CheckpointManager(
             os.path.join(os.path.abspath(workdir), 'checkpoints', kind),
-            # A save killed midway leaves only a temporary directory: removed on the next start.
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                                 cleanup_tmp_directories=True),
+            # A save killed midway leaves only a temporary directory: the training
+            # process removes it when it starts again.
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=not read_only, read_only=read_only,
+                cleanup_tmp_directories=not read_only),
             item_names=('state', 'loop'))
         for kind in KINDS
     }

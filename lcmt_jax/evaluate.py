@@ -108,7 +108,7 @@ def restore_run(workdir: str, kind: str = 'best') -> Evaluable:
     raise CheckpointNotFoundError(f'{workdir} has no {kind} checkpoint (looked in {kind_dir}); '
                                   'train the run first, or pick the other --checkpoint kind')
   split, data, target, predict_fn = _prepare(config, jax.random.PRNGKey(config.seed))
-  checkpoints = checkpointing.RunCheckpoints(workdir)
+  checkpoints = checkpointing.RunCheckpoints(workdir, read_only=True)
   try:
     state, loop = checkpoints.restore(kind, target)
   finally:

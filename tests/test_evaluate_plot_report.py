@@ -46,7 +46,7 @@ def test_evaluate_equals_an_independent_recomputation(run, restored):
   assert set(results) == {'test'}  # tiny_config holds out no validation split.
 
   # Recompute from the raw checkpoint (no target state, no trainer code) and scikit-learn.
-  checkpoints = checkpointing.RunCheckpoints(workdir)
+  checkpoints = checkpointing.RunCheckpoints(workdir, read_only=True)
   raw, _ = checkpoints.restore('latest')
   checkpoints.close()
   split = input_pipeline.load_split(config)

@@ -32,7 +32,7 @@ def tiny_config(**overrides):
 
 def latest_state(workdir):
   """The latest checkpoint of `workdir` as host arrays, and its loop state."""
-  checkpoints = checkpointing.RunCheckpoints(workdir)
+  checkpoints = checkpointing.RunCheckpoints(workdir, read_only=True)
   state, loop = checkpoints.restore('latest')
   checkpoints.close()
   return jax.device_get(state), loop
@@ -50,7 +50,7 @@ def test_quickstart_writes_metrics_checkpoints_and_summary(tmp_path):
   assert json.loads((tmp_path / 'summary.json').read_text()) == summary
   assert os.listdir(tmp_path / 'tensorboard')
   for kind in ('latest', 'best'):
-    assert checkpointing.RunCheckpoints(str(tmp_path)).latest_epoch(kind) is not None
+    assert checkpointing.RunCheckpoints(str(tmp_path), read_only=True).latest_epoch(kind) is not None
 
 
 def test_resume_continues_exactly(tmp_path):
