@@ -1,8 +1,8 @@
 """Trains Mean Teacher with Local Clustering: `python train.py --config=configs/cifar10.py`.
 
 Thin entry point in the style of the Flax examples: parse flags, call the
-trainer. Bad input
-(config, data, workdir) ends with a one-line error and exit status 2.
+trainer. Bad input (command line, config, data, workdir) ends with a
+one-line error and exit status 2.
 """
 
 import sys
@@ -16,33 +16,14 @@ from lcmt_jax import errors
 from lcmt_jax import trainer
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
-_BAD_FLAG_ERRORS = (flags.Error, ValueError, TypeError, AttributeError, KeyError, OSError)
-
-
-def _exit_bad_flags(error: Exception) -> None:
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  # A config file that fails to load says why on its last line.
-  message = (lines[-1] if isinstance(error, OSError) else lines[0]) if lines else repr(error)
-  print(f'error: bad command line ({message}); config keys are listed in configs/default.py',
-        file=sys.stderr)
-  sys.exit(2)
-
-
 try:
   # ml_collections applies `--config.KEY=VALUE` overrides here already.
   _CONFIG = config_flags.DEFINE_config_file(
       'config', 'configs/quickstart.py',
       'Config file; `FILE.py:improved` switches the reference quirks to their fixes.',
       lock_config=True)
-except _BAD_FLAG_ERRORS as e:
-  _exit_bad_flags(e)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except _BAD_FLAG_ERRORS as e:
-    _exit_bad_flags(e)
+except errors.BAD_FLAG_ERRORS as e:
+  errors.exit_bad_command_line(e)
 
 
 def main(argv: list[str]) -> None:
@@ -53,7 +34,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     default_workdir = f'workdirs/{config.dataset}_{config.method}'
   except OSError as e:  # The config file failed to load; config_flags reports it on first use.
-    _exit_bad_flags(e)
+    errors.exit_bad_command_line(e)
   try:
     trainer.train_and_evaluate(config, _WORKDIR.value or default_workdir)
   except errors.UserInputError as e:
@@ -62,4 +43,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=errors.parse_flags_or_exit)

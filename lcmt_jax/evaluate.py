@@ -257,16 +257,9 @@ def main(argv: list[str], config_flag: Any) -> None:
 
 def run() -> None:
   from absl import app  # pylint: disable=import-outside-toplevel
-  from absl import flags  # pylint: disable=import-outside-toplevel
   config_flag = _define_flags()
-
-  def parse(argv):
-    try:
-      return flags.FLAGS(argv)
-    except (flags.Error, OSError, ValueError, TypeError, AttributeError, KeyError) as e:
-      _fail(f'bad command line ({(str(e).strip().splitlines() or [repr(e)])[0]})')
-
-  app.run(functools.partial(main, config_flag=config_flag), flags_parser=parse)
+  app.run(functools.partial(main, config_flag=config_flag),
+          flags_parser=errors.parse_flags_or_exit)
 
 
 if __name__ == '__main__':

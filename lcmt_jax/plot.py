@@ -191,15 +191,7 @@ def run() -> None:
                     'The checkpoint whose teacher features are projected.')
   flags.DEFINE_bool('projection', True, 'Also draw the PCA projection of the teacher features.')
   flags.DEFINE_bool('tsne', False, 'Also draw a t-SNE projection (slower).')
-
-  def parse(argv):
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      print(f'error: bad command line ({e})', file=sys.stderr)
-      sys.exit(2)
-
-  app.run(main, flags_parser=parse)
+  app.run(main, flags_parser=errors.parse_flags_or_exit)
 
 
 if __name__ == '__main__':

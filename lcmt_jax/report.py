@@ -164,15 +164,7 @@ def run() -> None:
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('out', None, 'Also write the table to this markdown file.')
-
-  def parse(argv):
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      print(f'error: bad command line ({e})', file=sys.stderr)
-      sys.exit(2)
-
-  app.run(main, flags_parser=parse)
+  app.run(main, flags_parser=errors.parse_flags_or_exit)
 
 
 if __name__ == '__main__':
