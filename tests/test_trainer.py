@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -211,3 +212,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
   assert loop_a['epoch'] == loop_b['epoch'] == 3
   for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('key', sorted(configuration.RULES))
+def test_every_config_key_rejects_an_invalid_value(key):
+  check, _ = configuration.RULES[key]
+  bad = next(v for v in (-1, 'bogus', 1.5, None) if not check(v))
+  values = tiny_config().to_dict()
+  values[key] = bad
+  with pytest.raises(configuration.ConfigError, match=f'config.{key}='):
+    configuration.validate(ml_collections.ConfigDict(values))
