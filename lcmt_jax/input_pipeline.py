@@ -168,22 +168,6 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
 
 
-def labels_per_class_from_fraction(labels: np.ndarray, num_classes: int, fraction: float) -> int:
-  """Labelled examples per class for a fraction of each class, rounded.
-
-  The reference's CIFAR-10 split takes 8% of each class: 400 of 5,000.
-  """
-  if not 0 < fraction <= 1:
-    raise DataRequestError(f'Label fraction {fraction} is outside (0, 1]: give e.g. 0.08 for 8%.')
-  counts = {round(count * fraction) for count in np.bincount(labels, minlength=num_classes)}
-  if len(counts) != 1:
-    raise DataRequestError(
-        f'A fraction of {fraction} gives different counts per class ({sorted(counts)}); '
-        'the split draws the same number from every class, so give labeled_per_class instead.'
-    )
-  return counts.pop()
-
-
 def split_indices(
     labels: np.ndarray,
     num_classes: int,

@@ -173,18 +173,6 @@ def test_bad_split_requests_are_refused(labeled_per_class, validation_per_class,
     input_pipeline.split_indices(labels, 10, labeled_per_class, validation_per_class, 2)
 
 
-def test_labels_per_class_from_fraction():
-  cifar_labels = np.repeat(np.arange(10), 5000)
-  assert input_pipeline.labels_per_class_from_fraction(cifar_labels, 10, 0.08) == 400
-  assert input_pipeline.labels_per_class_from_fraction(cifar_labels, 10, 0.04) == 200
-  for fraction in (0.0, 1.5):
-    with pytest.raises(ValueError, match='outside'):
-      input_pipeline.labels_per_class_from_fraction(cifar_labels, 10, fraction)
-  with pytest.raises(ValueError, match='different counts per class'):
-    unbalanced = np.repeat(np.arange(10), np.arange(100, 110))
-    input_pipeline.labels_per_class_from_fraction(unbalanced, 10, 0.5)
-
-
 def test_load_split_on_digits():
   config = ml_collections.ConfigDict({
       'dataset': 'digits', 'data_dir': '', 'labeled_per_class': 10,
