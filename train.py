@@ -12,10 +12,20 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lcmt_jax import distributed
 from lcmt_jax import errors
 from lcmt_jax import trainer
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Resume a workdir even though it was written with different config values.')
+# A multi-process run; under SLURM (srun) all three come from the environment.
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0 of a multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.', lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index, 0 to "
+                                   'num_processes - 1.', lower_bound=0)
 try:
   # ml_collections applies `--config.KEY=VALUE` overrides here already.
   _CONFIG = config_flags.DEFINE_config_file(
@@ -36,7 +46,9 @@ def main(argv: list[str]) -> None:
   except OSError as e:  # The config file failed to load; config_flags reports it on first use.
     errors.exit_bad_command_line(e)
   try:
-    trainer.train_and_evaluate(config, _WORKDIR.value or default_workdir)
+    distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    trainer.train_and_evaluate(config, _WORKDIR.value or default_workdir,
+                               allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except errors.UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -33,8 +33,13 @@ class RunCheckpoints:
             # process removes it when it starts again.
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, create=not read_only, read_only=read_only,
-                cleanup_tmp_directories=not read_only),
-            item_names=('state', 'loop'))
+                cleanup_tmp_directories=not read_only,
+                # Both managers save the same epoch at once; in a multi-process run their
+                # barriers, named after the epoch, would collide without a prefix.
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=kind)),
+            item_handlers={'state': ocp.StandardCheckpointHandler(),
+                           'loop': ocp.JsonCheckpointHandler()})
         for kind in KINDS
     }
 
@@ -43,6 +48,15 @@ class RunCheckpoints:
     self._managers[kind].save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)))
 
+  def discard_after(self, epoch: int) -> None:
+    """Deletes checkpoints newer than `epoch`: those a killed run wrote after its last `latest`.
+
+    The resumed run replays those epochs (deterministically) and saves them again.
+    """
+    for manager in self._managers.values():
+      for newer in [e for e in manager.all_steps() if e > epoch]:
+        manager.delete(newer)
+
   def latest_epoch(self, kind: str) -> int | None:
     return self._managers[kind].latest_step()
 
@@ -50,14 +64,18 @@ class RunCheckpoints:
     """The newest `kind` checkpoint: `(state, loop_state)`.
 
     With `target_state` the state comes back with its structure and
-    shardings; without, as a nested dict of arrays (for inspection).
+    shardings; without, as a nested dict of arrays on this process's first
+    device (for inspection, also of a checkpoint a multi-host run wrote).
     """
     manager = self._managers[kind]
-    abstract = None
-    if target_state is not None:
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     epoch = manager.latest_step()
     try:
+      if target_state is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                manager.item_metadata(epoch).state)
+      else:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
       restored = manager.restore(epoch, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax and tensorstore raise many types for a damaged file.

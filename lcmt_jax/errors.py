@@ -18,6 +18,12 @@ BAD_FLAG_ERRORS = (ValueError, TypeError, AttributeError, KeyError, OSError)
 
 def exit_bad_command_line(error: Exception) -> NoReturn:
   """Prints a bad command line's error as one line and exits with status 2."""
+  # ml_collections answers `--config.NO_SUCH_KEY=...` with an AttributeError holding a KeyError.
+  missing_key = error.args[0] if error.args and isinstance(error.args[0], KeyError) else None
+  if missing_key is not None:
+    print(f'error: bad command line (no config key {missing_key.args[0]}; configs/default.py lists '
+          'every key)', file=sys.stderr)
+    sys.exit(2)
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   # A config file that fails to load says why on its last line.
   message = (lines[-1] if isinstance(error, OSError) else lines[0]) if lines else repr(error)

@@ -7,6 +7,7 @@ function of an RNG key and the step number.
 """
 
 import dataclasses
+import os
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,10 @@ _PROBE_TIMEOUT_S = 3.0
 
 class DatasetNotFoundError(errors.UserInputError):
   """The data set is not on disk and cannot be downloaded from here."""
+
+
+class DatasetUnreadableError(errors.UserInputError):
+  """The prepared data set's files are damaged, e.g. by an interrupted copy."""
 
 
 class DataRequestError(errors.UserInputError, ValueError):
@@ -108,10 +113,27 @@ def load_dataset(
 def _load_tfds(
     tfds_name: str, host: str, data_dir: str | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  tf_cpu.import_tensorflow()
+  # tfds takes a file for an empty data_dir: it says the data set is missing, or
+  # fails writing the download into it.
+  if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise errors.UserInputError(
+        f'config.data_dir {data_dir!r} is a file, not a directory: set it to the tfds '
+        "data directory, or to '' for tfds's default (~/tensorflow_datasets)."
+    )
+  tf = tf_cpu.import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from google.protobuf import json_format  # pylint: disable=g-import-not-at-top
 
-  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+  # What a damaged dataset_info.json raises: text that is not the JSON expected
+  # (ParseError), bytes that are not UTF-8 (UnicodeDecodeError, rewrapped by tfds
+  # as RuntimeError), a file that cannot be read (tfds's DatasetInfoFileError, an
+  # OSError), a version (AssertionError) or file format (ValueError) the code lacks.
+  except (json_format.ParseError, RuntimeError, OSError, AssertionError, ValueError) as e:
+    root = data_dir or tfds.core.constants.DATA_DIR
+    version = tfds.builder_cls(tfds_name).VERSION
+    raise _unreadable_error(tfds_name, os.path.join(root, tfds_name, str(version)), e) from e
   # Without a network, tfds retries a download for minutes before failing.
   if not builder.is_prepared():
     if not _network_reachable(host):
@@ -125,7 +147,21 @@ def _load_tfds(
           'as config.data_dir here.'
       )
     builder.download_and_prepare()
-  return (*_read_split(tfds, builder, 'train'), *_read_split(tfds, builder, 'test'))
+  try:
+    return (*_read_split(tfds, builder, 'train'), *_read_split(tfds, builder, 'test'))
+  # What damaged record files raise: truncated or garbage records (DataLossError),
+  # fewer records than dataset_info.json counts (FailedPreconditionError), a
+  # missing file (NotFoundError).
+  except (tf.errors.DataLossError, tf.errors.FailedPreconditionError, tf.errors.NotFoundError) as e:
+    raise _unreadable_error(tfds_name, builder.data_dir, e) from e
+
+
+def _unreadable_error(tfds_name: str, version_dir: str, error: Exception) -> DatasetUnreadableError:
+  return DatasetUnreadableError(
+      f'Data set {tfds_name!r} in {version_dir} cannot be read ({type(error).__name__}): '
+      f'its files are damaged or incomplete. Delete {version_dir} and run again to '
+      'download and prepare it afresh.'
+  )
 
 
 def _network_reachable(host: str) -> bool:

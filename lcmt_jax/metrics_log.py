@@ -17,13 +17,15 @@ class MetricsLog:
 
   On resumption the records after the restored epoch (written by the
   interrupted run after its last checkpoint) are dropped, so the file holds
-  each epoch once.
+  each epoch once. A disabled log (on every process but the lead one of a
+  multi-process run) writes nothing.
   """
 
-  def __init__(self, workdir: str, resume_after_epoch: int = 0):
+  def __init__(self, workdir: str, resume_after_epoch: int = 0, enabled: bool = True):
     self._path = os.path.join(workdir, 'metrics.jsonl')
     self._workdir = workdir
-    if os.path.exists(self._path):
+    self._enabled = enabled
+    if enabled and os.path.exists(self._path):
       kept = [line for line in read_records(self._path) if line['epoch'] <= resume_after_epoch]
       with open(self._path + '.tmp', 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in kept)
@@ -31,6 +33,8 @@ class MetricsLog:
     self._tensorboard = None
 
   def write(self, epoch: int, kind: str, values: dict[str, float]) -> None:
+    if not self._enabled:
+      return
     with open(self._path, 'a') as f:
       f.write(json.dumps({'epoch': epoch, 'kind': kind, **values}) + '\n')
     writer = self._tensorboard_writer()
@@ -39,6 +43,8 @@ class MetricsLog:
     writer.flush()
 
   def write_summary(self, summary: dict[str, Any]) -> None:
+    if not self._enabled:
+      return
     path = os.path.join(self._workdir, 'summary.json')
     with open(path + '.tmp', 'w') as f:
       json.dump(summary, f, indent=2)
@@ -60,11 +66,15 @@ def read_records(path: str) -> list[dict[str, Any]]:
 
 
 class Progress:
-  """A tqdm bar over the run's steps showing steps/s, images/s and the loss terms."""
+  """A tqdm bar over the run's steps showing steps/s, images/s and the loss terms.
 
-  def __init__(self, total_steps: int, done_steps: int, enabled: bool):
-    self._bar = tqdm.tqdm(total=total_steps, initial=done_steps, unit='step', disable=not enabled,
-                          dynamic_ncols=True, smoothing=0.3)
+  `silent` (every process but the lead one) turns off the bar and the printed lines.
+  """
+
+  def __init__(self, total_steps: int, done_steps: int, show_bar: bool, silent: bool = False):
+    self._silent = silent
+    self._bar = tqdm.tqdm(total=total_steps, initial=done_steps, unit='step',
+                          disable=silent or not show_bar, dynamic_ncols=True, smoothing=0.3)
 
   def update(self, num_steps: int, seconds: float, images_per_step: int,
              metrics: dict[str, np.ndarray]) -> None:
@@ -74,7 +84,8 @@ class Progress:
     self._bar.update(num_steps)
 
   def print(self, line: str) -> None:
-    tqdm.tqdm.write(line)
+    if not self._silent:
+      tqdm.tqdm.write(line)
 
   def close(self) -> None:
     self._bar.close()

@@ -7,6 +7,11 @@ the per-step metrics at the end of a call. Data parallelism is `jit` over a
 one-axis device mesh: the batch is sharded over the 'data' axis and
 everything else is replicated, so batch-norm means and the pairwise loss are
 taken over the global batch exactly as on one device.
+
+The same holds over several hosts (`lcmt_jax.distributed`): the mesh spans
+every process's devices, each process holds the data set on its own devices
+and computes its devices' shard of each global batch, all processes write
+their shards of each checkpoint, and process 0 alone writes logs and metrics.
 """
 
 import functools
@@ -23,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcmt_jax import checkpointing
 from lcmt_jax import configuration
+from lcmt_jax import distributed
 from lcmt_jax import errors
 from lcmt_jax import input_pipeline
 from lcmt_jax import metrics_log
@@ -46,7 +52,11 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.C
 
 
 def put_data_on_device(split: input_pipeline.SplitData, mesh: Mesh) -> dict[str, jax.Array]:
-  """Every split's uint8 images and labels, replicated on every device."""
+  """Every split's uint8 images and labels, replicated on every device.
+
+  Each process copies its host's arrays to its own devices, so this works
+  for a mesh spanning several processes as well as for one.
+  """
   arrays = {
       'labeled_images': split.labeled_images, 'labeled_labels': split.labeled_labels,
       'unlabeled_images': split.unlabeled_images,
@@ -54,7 +64,10 @@ def put_data_on_device(split: input_pipeline.SplitData, mesh: Mesh) -> dict[str,
       'validation_images': split.validation_images,
       'validation_labels': split.validation_labels,
   }
-  return jax.device_put(arrays, NamedSharding(mesh, PartitionSpec()))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return {name: jax.make_array_from_callback(array.shape, replicated,
+                                             lambda index, array=array: array[index])
+          for name, array in arrays.items()}
 
 
 def run_steps(state: train_state.TrainState, data: dict[str, jax.Array], data_key: jax.Array, *,
@@ -141,24 +154,52 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> N
           f'use a multiple of {num_devices}')
 
 
-def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume a workdir that a run with a different config wrote."""
+def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
+                          allow_config_change: bool) -> list[str]:
+  """The keys (beyond RESUMABLE_KEYS) in which `config` differs from the run in `workdir`.
+
+  Refuses to resume a run written with a different config unless
+  `allow_config_change`. Reads only: nothing is written before the data loads.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserInputError(f'--workdir {workdir} is a file, not a directory: give a '
+                                'directory (it is created if missing)')
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + '.tmp', path)
-    return
-  with open(path) as f:
-    saved = json.load(f)
+    return []
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.UserInputError(
+        f'{path} cannot be read ({type(e).__name__}: {e}); put back the config.json of that run, '
+        f'or use a new --workdir') from e
   current = json.loads(config.to_json_best_effort())
   changed = sorted(k for k in set(saved) | set(current)
                    if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
-  if changed:
+  if changed and not allow_config_change:
     raise errors.UserInputError(
         f'workdir {workdir} holds a run with a different config (differs in: {", ".join(changed)}); '
-        f'use a new --workdir, or restore those values to resume it')
+        f'use a new --workdir, restore those values, or pass --allow_config_change to resume '
+        f'it with the new values')
+  return changed
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: str, changed: list[str]) -> None:
+  """Writes `workdir/config.json` for a new run, or for one resumed with `changed` keys.
+
+  A config it replaces is kept as `config.<UTC time>.json`, so the run's history stays readable.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not distributed.is_lead_process() or (os.path.exists(path) and not changed):
+    return
+  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(path):
+    os.replace(path, os.path.join(workdir, time.strftime('config.%Y%m%d-%H%M%S.json',
+                                                         time.gmtime())))
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(path + '.tmp', path)
 
 
 def _initial_state(config, model, tx, info, data, key):
@@ -196,12 +237,17 @@ def build_state(config: ml_collections.ConfigDict, info: input_pipeline.DatasetI
                  out_shardings=NamedSharding(mesh, PartitionSpec()))(data, key)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run described by `config` in `workdir`; returns its summary."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the run described by `config` in `workdir`; returns its summary.
+
+  Every check of the input (config, workdir, data) comes before the first
+  write to `workdir`, so bad input leaves it as it was.
+  """
   configuration.validate(config)
   mesh = make_mesh()
   _check_batch_sizes(config, mesh.size)
-  _check_workdir_config(config, workdir)
+  changed_keys = _check_workdir_config(config, workdir, allow_config_change)
   split = input_pipeline.load_split(config)
   info = split.info
   data = put_data_on_device(split, mesh)
@@ -213,12 +259,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
   state = build_state(config, info, data, mesh, step_config, state_key)
 
+  lead = distributed.is_lead_process()
   checkpoints = checkpointing.RunCheckpoints(workdir)
   loop = {'epoch': 0, 'best_epoch': 0, 'best_selection_accuracy': -1.0, 'train_seconds': 0.0}
   if checkpoints.latest_epoch('latest') is not None:
     state, loop = checkpoints.restore('latest', state)
-    print(f'Resuming {workdir} from epoch {loop["epoch"]}.', flush=True)
-  log = metrics_log.MetricsLog(workdir, resume_after_epoch=loop['epoch'])
+  checkpoints.discard_after(loop['epoch'])
+  _record_config(config, workdir, changed_keys)  # Once the checkpoint has proved readable.
+  log = metrics_log.MetricsLog(workdir, resume_after_epoch=loop['epoch'], enabled=lead)
 
   steps_per_call = config.steps_per_call or default_steps_per_call(steps_per_epoch)
   train_fn = jax.jit(
@@ -228,12 +276,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         batch_sharding=batch_sharding),
       static_argnames='num_steps', donate_argnums=0, out_shardings=(replicated, replicated))
   predict_fn = jax.jit(functools.partial(predict, batch_size=config.eval_batch_size, info=info,
-                                         batch_sharding=batch_sharding))
+                                         batch_sharding=batch_sharding),
+                       out_shardings=replicated)
   images_per_step = config.labeled_batch_size + (
       config.unlabeled_batch_size if step_config.use_unlabeled else 0)
   progress = metrics_log.Progress(total_steps=config.num_epochs * steps_per_epoch,
                                   done_steps=loop['epoch'] * steps_per_epoch,
-                                  enabled=config.progress_bar)
+                                  show_bar=config.progress_bar, silent=not lead)
+  if loop['epoch']:
+    progress.print(f'Resuming {workdir} from epoch {loop["epoch"]}' + (
+        f' with changed {", ".join(changed_keys)}.' if changed_keys else '.'))
 
   # Saves still being written finish even when the run stops with an error, so the
   # checkpoints on disk are complete.
@@ -275,7 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress.close()
   summary = _summary(config, loop)
   log.write_summary(summary)
-  print(metrics_log.format_summary(summary), flush=True)
+  if lead:
+    print(metrics_log.format_summary(summary), flush=True)
   return summary
 
 

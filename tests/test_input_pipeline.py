@@ -1,5 +1,6 @@
 """Tests for lcmt_jax.input_pipeline (REFERENCE.md "Data")."""
 
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,6 +9,7 @@ import pytest
 
 from lcmt_jax import errors
 from lcmt_jax import input_pipeline
+from tests import helpers
 
 # mean 0, std 1: normalised pixels are x / 255, so tests can read images back.
 _PLAIN = input_pipeline.DatasetInfo('plain', 10, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False)
@@ -116,6 +118,87 @@ def test_missing_data_fails_at_once_with_instructions(monkeypatch, tmp_path):
   message = str(error.value)
   assert "'cifar10'" in message and str(tmp_path) in message
   assert f"tfds.builder('cifar10', data_dir='{tmp_path}').download_and_prepare()" in message
+
+
+def _assert_unreadable_in_one_line(data_dir, version_dir, cause, monkeypatch):
+  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: False)
+  before = helpers.directory_contents(data_dir)
+  with pytest.raises(input_pipeline.DatasetUnreadableError) as error:
+    input_pipeline.load_dataset('cifar10', str(data_dir))
+  message = str(error.value)
+  assert '\n' not in message and "'cifar10'" in message and f'({cause})' in message
+  assert f'Delete {version_dir} and' in message
+  assert helpers.directory_contents(data_dir) == before  # Nothing deleted or rewritten.
+
+
+def test_load_dataset_reads_a_real_tfds_directory_in_file_order(cifar10_dir, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  data_dir, written = cifar10_dir
+  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: False)
+  loaded = input_pipeline.load_dataset('cifar10', str(data_dir))
+  for got, want in zip(loaded, written, strict=True):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+  # Only a test if tfds stored the examples out of order.
+  stored = tfds.builder('cifar10', data_dir=str(data_dir)).as_dataset(split='train')
+  ids = [example['id'] for example in tfds.as_numpy(stored)]
+  assert ids != sorted(ids)
+
+
+# Each damage to every record file, and the TensorFlow error it raises.
+_RECORD_DAMAGE = {
+    'truncated': (lambda data: data[:-10], 'DataLossError'),  # Inside the last record.
+    'garbage': (lambda data: b'\xde\xad' * (len(data) // 2), 'DataLossError'),
+    'emptied': (lambda data: b'', 'FailedPreconditionError'),
+    'deleted': (None, 'NotFoundError'),
+}
+
+
+@pytest.mark.parametrize('damage', list(_RECORD_DAMAGE))
+def test_damaged_records_are_reported_in_one_line(damage, cifar10_dir, tmp_path, monkeypatch):
+  data_dir, version_dir = helpers.copy_of_data_dir(cifar10_dir, tmp_path)
+  rewrite, cause = _RECORD_DAMAGE[damage]
+  for path in version_dir.glob('*.tfrecord-*'):
+    if rewrite is None:
+      path.unlink()
+    else:
+      path.write_bytes(rewrite(path.read_bytes()))
+  _assert_unreadable_in_one_line(data_dir, version_dir, cause, monkeypatch)
+
+
+# Each damage to dataset_info.json, and the error tfds raises for it.
+_INFO_DAMAGE = {
+    'not_json': (b'not json {', 'ParseError'),
+    'truncated': (b'{"name": "cifar10", "spli', 'ParseError'),
+    'not_utf8': (b'\xff\xfe\x00\x9c', 'RuntimeError'),
+    'no_version': (b'{}', 'AssertionError'),
+    'unreadable': (None, 'DatasetInfoFileError'),  # A directory in its place.
+}
+
+
+@pytest.mark.parametrize('damage', list(_INFO_DAMAGE))
+def test_damaged_dataset_info_is_reported_in_one_line(damage, cifar10_dir, tmp_path, monkeypatch):
+  data_dir, version_dir = helpers.copy_of_data_dir(cifar10_dir, tmp_path)
+  content, cause = _INFO_DAMAGE[damage]
+  info = version_dir / 'dataset_info.json'
+  if content is None:
+    info.unlink()
+    info.mkdir()
+  else:
+    info.write_bytes(content)
+  _assert_unreadable_in_one_line(data_dir, version_dir, cause, monkeypatch)
+
+
+def test_data_dir_that_is_a_file_is_refused_in_one_line(tmp_path, monkeypatch):
+  # Reachable, so that without the check tfds would try to download into the file.
+  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: True)
+  data_file = tmp_path / 'tfds'
+  data_file.write_text('not a directory')
+  with pytest.raises(errors.UserInputError, match='is a file, not a directory') as error:
+    input_pipeline.load_dataset('cifar10', str(data_file))
+  assert '\n' not in str(error.value) and str(data_file) in str(error.value)
+  assert data_file.read_text() == 'not a directory'
 
 
 def test_unknown_dataset_is_refused_as_user_input():

@@ -1,0 +1,44 @@
+"""Fixtures shared by several test modules."""
+
+import numpy as np
+import pytest
+
+_CIFAR10_FILES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
+_CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
+                    'ship', 'truck']
+
+
+def _cifar10_binary(num_records, seed):
+  """One CIFAR-10 binary file: per record a label byte, then the image channel by channel."""
+  rng = np.random.RandomState(seed)
+  images = rng.randint(0, 256, (num_records, 32, 32, 3)).astype(np.uint8)
+  labels = rng.randint(0, 10, num_records).astype(np.uint8)
+  records = np.concatenate([labels[:, None], images.transpose(0, 3, 1, 2).reshape(-1, 3072)], 1)
+  return records.tobytes(), images, labels.astype(np.int32)
+
+
+@pytest.fixture(scope='session')
+def cifar10_dir(tmp_path_factory):
+  """A real tfds CIFAR-10, prepared once by tfds's own builder from small fake binary files.
+
+  Returns the data_dir and the `(train_images, train_labels, test_images,
+  test_labels)` written, in file order.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  download = tmp_path_factory.mktemp('download')
+  batches = download / 'cifar-10-batches-bin'
+  batches.mkdir()
+  written = []
+  for seed, name in enumerate(_CIFAR10_FILES):
+    data, images, labels = _cifar10_binary(3 if name == 'test_batch.bin' else 2, seed)
+    (batches / name).write_bytes(data)
+    written.append((images, labels))
+  (batches / 'batches.meta.txt').write_text('\n'.join(_CIFAR10_CLASSES) + '\n')
+  data_dir = tmp_path_factory.mktemp('tfds')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tfds.download.DownloadManager, 'download_and_extract',
+                  lambda self, url: str(download))
+    tfds.builder('cifar10', data_dir=str(data_dir)).download_and_prepare()
+  train_images, train_labels = (np.concatenate(a) for a in zip(*written[:-1]))
+  return data_dir, (train_images, train_labels, *written[-1])

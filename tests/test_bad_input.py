@@ -1,0 +1,166 @@
+"""Bad input to `train.py`, one test per case: exit status 2, a one-line error, nothing damaged.
+
+`train.py`'s `main` runs in this process (a subprocess per case would cost
+seconds of start-up each); the flags are parsed as `absl.app.run` parses them.
+"""
+
+import json
+import shutil
+import sys
+
+import pytest
+from absl import flags
+
+import train
+from lcmt_jax import configuration
+from lcmt_jax import errors
+from lcmt_jax import input_pipeline
+from lcmt_jax import trainer
+from tests import helpers
+from tests.test_trainer import TINY_FLAGS, tiny_config
+
+TINY_COMMAND = ['--config=configs/quickstart.py', *TINY_FLAGS, '--config.num_epochs=1']
+
+
+def run_train(*args: str) -> int:
+  """Runs `train.py ARGS` in this process; returns its exit status."""
+  argv = ['train.py', *args]
+  flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+    delattr(flags.FLAGS, name)  # ml_collections defines the overrides anew at each parse.
+  with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+    patch.setattr(sys, 'argv', argv)  # Where ml_collections finds the overrides.
+    train.main(errors.parse_flags_or_exit(argv))
+    raise SystemExit(0)
+  return exit_info.value.code
+
+
+@pytest.fixture
+def train_cli(capsys):
+  """`train_cli(*args)` -> `(exit status, the error: lines of stderr)`."""
+
+  def run(*args):
+    code = run_train(*args)
+    stderr = capsys.readouterr().err
+    return code, [line for line in stderr.splitlines() if line.startswith('error:')]
+
+  return run
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  """A workdir after one epoch of the tiny run that TINY_COMMAND describes."""
+  workdir = tmp_path_factory.mktemp('trained')
+  trainer.train_and_evaluate(tiny_config(num_epochs=1), str(workdir))
+  return workdir
+
+
+@pytest.fixture
+def workdir(trained_workdir, tmp_path):
+  """A private copy of `trained_workdir`, to run bad commands against."""
+  copy = tmp_path / 'run'
+  shutil.copytree(trained_workdir, copy)
+  return copy
+
+
+def assert_refused(result, message, workdir, before):
+  code, error_lines = result
+  assert code == 2
+  assert len(error_lines) == 1 and message in error_lines[0], error_lines
+  assert helpers.directory_contents(workdir) == before  # Nothing written, moved or deleted.
+
+
+# data_dir has no invalid value of its own: a missing one or one that is a file are cases below.
+@pytest.mark.parametrize('key', sorted(set(configuration.RULES) - {'data_dir'}))
+def test_invalid_config_value(train_cli, workdir, key):
+  check, _ = configuration.RULES[key]
+  bad = next(v for v in (-1, 'bogus', 1.5) if not check(v))
+  before = helpers.directory_contents(workdir)
+  assert_refused(train_cli(*TINY_COMMAND, f'--config.{key}={bad}', f'--workdir={workdir}'),
+                 f'config.{key}', workdir, before)
+
+
+def test_unknown_config_key(train_cli, workdir):
+  before = helpers.directory_contents(workdir)
+  assert_refused(train_cli(*TINY_COMMAND, '--config.learning_rat=0.1', f'--workdir={workdir}'),
+                 "no config key 'learning_rat'", workdir, before)
+
+
+def assert_cifar10_refused(train_cli, data_dir, tmp_path, message):
+  """A CIFAR-10 run from `data_dir` is refused; nothing under `tmp_path` changes."""
+  before = helpers.directory_contents(tmp_path)
+  assert_refused(
+      train_cli(*TINY_COMMAND, '--config.dataset=cifar10', f'--config.data_dir={data_dir}',
+                f'--workdir={tmp_path / "run"}'),
+      message, tmp_path, before)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: False)
+
+
+def test_missing_data_dir(train_cli, tmp_path, offline):
+  assert_cifar10_refused(train_cli, tmp_path / 'no_such_dir', tmp_path, 'is not prepared')
+
+
+def test_corrupt_data_dir(train_cli, cifar10_dir, tmp_path, offline):
+  data_dir, version_dir = helpers.copy_of_data_dir(cifar10_dir, tmp_path)
+  for record_file in version_dir.glob('*.tfrecord*'):
+    record_file.write_bytes(record_file.read_bytes()[:100])
+  assert_cifar10_refused(train_cli, data_dir, tmp_path, 'cannot be read')
+
+
+def test_data_dir_that_is_a_file(train_cli, tmp_path):
+  (tmp_path / 'tfds').write_text('not a directory')
+  assert_cifar10_refused(train_cli, tmp_path / 'tfds', tmp_path, 'is a file, not a directory')
+
+
+def test_workdir_of_a_different_config(train_cli, workdir):
+  before = helpers.directory_contents(workdir)
+  assert_refused(train_cli(*TINY_COMMAND, '--config.lc_weight=3', f'--workdir={workdir}'),
+                 'different config (differs in: lc_weight)', workdir, before)
+
+
+def test_allow_config_change_resumes_with_the_new_values(train_cli, workdir):
+  old_config = (workdir / 'config.json').read_text()
+  code, error_lines = train_cli(*TINY_COMMAND, '--config.lc_weight=3', '--config.num_epochs=2',
+                                '--allow_config_change', f'--workdir={workdir}')
+  assert (code, error_lines) == (0, [])
+  assert json.loads((workdir / 'config.json').read_text())['lc_weight'] == 3
+  (kept,) = workdir.glob('config.*-*.json')  # The config the run was started with.
+  assert kept.read_text() == old_config
+  assert [json.loads(line)['epoch'] for line in open(workdir / 'metrics.jsonl')] == [1, 1, 2, 2]
+
+
+def test_unreadable_config_record(train_cli, workdir):
+  (workdir / 'config.json').write_text('{"width": 8, ')
+  before = helpers.directory_contents(workdir)
+  assert_refused(train_cli(*TINY_COMMAND, f'--workdir={workdir}'), 'config.json cannot be read',
+                 workdir, before)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'deleted'])
+def test_corrupt_checkpoint(train_cli, workdir, damage):
+  (checkpoint,) = (workdir / 'checkpoints' / 'latest').iterdir()
+  for path in (checkpoint / 'state').rglob('*'):
+    if path.is_file() and damage == 'truncated':
+      path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 3])
+    elif path.is_file():
+      path.unlink()
+  before = helpers.directory_contents(workdir)
+  assert_refused(train_cli(*TINY_COMMAND, '--config.num_epochs=2', f'--workdir={workdir}'),
+                 'cannot be read', workdir, before)
+
+
+def test_workdir_that_is_a_file(train_cli, tmp_path):
+  (tmp_path / 'run').write_text('not a directory')
+  before = helpers.directory_contents(tmp_path)
+  assert_refused(train_cli(*TINY_COMMAND, f'--workdir={tmp_path / "run"}'), 'is a file',
+                 tmp_path, before)
+
+
+def test_unknown_flag(train_cli, workdir):
+  before = helpers.directory_contents(workdir)
+  assert_refused(train_cli(*TINY_COMMAND, '--num_process=2', f'--workdir={workdir}'),
+                 'bad command line', workdir, before)
