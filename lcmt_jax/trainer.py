@@ -132,18 +132,23 @@ class TrainingDivergedError(errors.UserInputError):
 
 
 def _check_finite(metrics: dict[str, np.ndarray], first_step: int, loop: dict) -> None:
-  """Stops the run at the first non-finite metric, naming the step and the term.
+  """Stops the run at the first step with a non-finite metric, naming the step and the terms.
 
-  Non-finite parameters make the loss non-finite in the same step, so the
-  metrics, already on the host, are the whole check.
+  The metrics include the norm of the updated parameters, so a step whose
+  update diverges is caught before its parameters can be checkpointed.
   """
-  for name, values in sorted(metrics.items()):
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-      raise TrainingDivergedError(
-          f'{name} became {values[bad[0]]} at step {first_step + bad[0]}; training stopped and '
-          f'the checkpoints of epoch {loop["epoch"]} and before are kept: lower the learning '
-          f'rate or the loss weights and start a new --workdir')
+  bad_steps = {name: np.flatnonzero(~np.isfinite(values)) for name, values in metrics.items()}
+  bad_steps = {name: steps[0] for name, steps in bad_steps.items() if steps.size}
+  if not bad_steps:
+    return
+  step = min(bad_steps.values())
+  terms = ', '.join(f'{name}={metrics[name][step]}' for name in sorted(bad_steps)
+                    if bad_steps[name] == step)
+  kept = (f'the checkpoints of epoch {loop["epoch"]} and before are kept' if loop['epoch']
+          else 'no checkpoint had been written')
+  raise TrainingDivergedError(
+      f'{terms} at step {first_step + step}: training stopped and {kept}; lower the learning '
+      f'rate or the loss weights and start a new --workdir')
 
 
 def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -18,6 +18,7 @@ from lcmt_jax import plot
 from lcmt_jax import report
 from lcmt_jax import torch_import
 from lcmt_jax import trainer
+from tests import helpers
 from tests.test_trainer import REPO, tiny_config
 
 
@@ -93,21 +94,31 @@ def test_evaluate_torch_checkpoint_equals_the_exported_teacher(run, restored, tm
     ('missing_workdir', 'no such workdir'),
     ('no_checkpoint', 'has no best checkpoint'),
     ('bad_torch_file', 'cannot read'),
+    ('truncated_torch_file', 'cannot read'),
+    ('foreign_torch_file', 'cannot read'),
 ])
 def test_evaluate_bad_input_exits_2_with_one_line(tmp_path, case, message):
-  if case == 'missing_workdir':
+  if case.endswith('torch_file'):
+    torch = pytest.importorskip('torch')
+    path = tmp_path / 'model.pth'
+    torch.save({'state_dict': {'fc.weight': torch.zeros(3, 3)}}, path)  # Not a ConvLarge.
+    if case == 'truncated_torch_file':
+      torch.save({'state_dict': {k: torch.zeros(8) for k in 'abcdefgh'}}, path)
+      path.write_bytes(path.read_bytes()[:200])
+    elif case == 'bad_torch_file':
+      path.write_bytes(b'not a torch file')
+    args = [f'--torch_checkpoint={path}', '--config=configs/quickstart.py']
+  elif case == 'missing_workdir':
     args = [f'--workdir={tmp_path / "nope"}']
   elif case == 'no_checkpoint':
     (tmp_path / 'config.json').write_text(tiny_config().to_json())
     args = [f'--workdir={tmp_path}']
-  else:
-    (tmp_path / 'model.pth').write_bytes(b'not a torch file')
-    args = [f'--torch_checkpoint={tmp_path / "model.pth"}', '--config=configs/quickstart.py']
+  before = helpers.directory_contents(tmp_path)
   result = _cli('-m', 'lcmt_jax.evaluate', *args)
   assert result.returncode == 2, result.stderr[-3000:]
   error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-3000:]
-  assert not (tmp_path / 'checkpoints').exists()
+  assert helpers.directory_contents(tmp_path) == before
 
 
 def test_plot_writes_png_files(run, tmp_path):

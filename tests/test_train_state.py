@@ -385,3 +385,11 @@ def test_unknown_teacher_init_is_rejected(model, config, batch):
     train_state.create_train_state(model, optax.identity(), _key(0), batch['labeled_student'],
                                    batch['labeled_teacher'], 'shared')
 
+
+
+def test_param_norm_metric_is_the_updated_students_norm(trajectory):
+  states, metrics = trajectory
+  for state, step_metrics in zip(states[1:4], metrics[:3]):
+    want = np.sqrt(sum(np.sum(np.square(p.astype(np.float64)))
+                       for _, p in _leaves_with_names(state.params)))
+    np.testing.assert_allclose(step_metrics['param_norm'], want, rtol=1e-5)

@@ -152,13 +152,23 @@ def test_divergence_stops_with_step_and_term_and_keeps_checkpoints(tmp_path):
   # An absurd LC weight from epoch 2 on: epoch 1 trains and is checkpointed, then the run blows up.
   diverging = dict(lc_start=2, lc_rampup=0, lc_weight=1e38)
   trainer.train_and_evaluate(tiny_config(num_epochs=1, **diverging), str(tmp_path / 'one_epoch'))
-  with pytest.raises(trainer.TrainingDivergedError, match=r'became (nan|inf) at step \d+'):
+  with pytest.raises(trainer.TrainingDivergedError,
+                     match=r'^\w+=(nan|inf)(, .*)? at step \d+: .* epoch 1 and before are kept'):
     trainer.train_and_evaluate(tiny_config(num_epochs=3, **diverging), str(tmp_path / 'run'))
   good, loop = latest_state(str(tmp_path / 'one_epoch'))
   kept, kept_loop = latest_state(str(tmp_path / 'run'))
   assert kept_loop['epoch'] == loop['epoch'] == 1
   for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(kept)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_diverging_update_is_caught_in_its_own_step(tmp_path):
+  # The first step's loss is finite, but its update sends the parameters' norm past float32.
+  with pytest.raises(trainer.TrainingDivergedError,
+                     match=r'^param_norm=inf at step 0: .* no checkpoint had been written'):
+    trainer.train_and_evaluate(tiny_config(num_epochs=1, learning_rate=1e38), str(tmp_path))
+  assert not (tmp_path / 'checkpoints' / 'latest').exists() or not os.listdir(
+      tmp_path / 'checkpoints' / 'latest')
 
 
 TINY_FLAGS = [f'--config.{k}={v}' for k, v in dict(
