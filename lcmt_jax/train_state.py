@@ -219,7 +219,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
       'lc_weight': lc_weight,
       'learning_rate': learning_rate,
       # Of the updated student: the non-finite guard sees a diverged update in its own step.
-      'param_norm': optax.global_norm(state.params),
+      'param_norm': optax.tree.norm(state.params),
       'student_labeled_accuracy': _accuracy(logits_l, batch['labels']),
       'teacher_labeled_accuracy': _accuracy(teacher_logits_l, batch['labels']),
   }

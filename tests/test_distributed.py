@@ -6,13 +6,11 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 from lcmt_jax import distributed
 from lcmt_jax import errors
-from lcmt_jax import metrics_log
-from tests.test_trainer import REPO, TINY_FLAGS, latest_state
+from tests.test_trainer import REPO, TINY_FLAGS, assert_same_run
 
 
 def free_port() -> int:
@@ -49,17 +47,7 @@ def test_two_processes_equal_one_process(tmp_path):
   # Only process 0 reports (gloo's own connection line aside).
   assert 'epoch 2:' in outputs[0][0] and 'Finished' in outputs[0][0]
   assert 'epoch' not in outputs[1][0] and 'Finished' not in outputs[1][0]
-  without_speed = lambda records: [{k: v for k, v in r.items() if k != 'images_per_second'}
-                                   for r in records]
-  assert without_speed(metrics_log.read_records(tmp_path / 'two' / 'metrics.jsonl')) == (
-      without_speed(metrics_log.read_records(tmp_path / 'one' / 'metrics.jsonl')))
-
-  state_one, loop_one = latest_state(str(tmp_path / 'one'))
-  state_two, loop_two = latest_state(str(tmp_path / 'two'))
-  assert loop_one['epoch'] == loop_two['epoch'] == 2
-  assert jax.tree.structure(state_one) == jax.tree.structure(state_two)
-  for a, b in zip(jax.tree.leaves(state_one), jax.tree.leaves(state_two)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_run(tmp_path / 'one', tmp_path / 'two', epochs=2)
 
 
 def test_one_process_run_does_not_initialize(monkeypatch):

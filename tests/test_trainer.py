@@ -54,21 +54,33 @@ def test_quickstart_writes_metrics_checkpoints_and_summary(tmp_path):
     assert checkpointing.RunCheckpoints(str(tmp_path), read_only=True).latest_epoch(kind) is not None
 
 
-def test_resume_continues_exactly(tmp_path):
-  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-  trainer.train_and_evaluate(tiny_config(num_epochs=3), str(straight))
-  trainer.train_and_evaluate(tiny_config(num_epochs=2), str(resumed))
-  trainer.train_and_evaluate(tiny_config(num_epochs=3), str(resumed))
-
-  state_a, loop_a = latest_state(str(straight))
-  state_b, loop_b = latest_state(str(resumed))
-  assert loop_a['epoch'] == loop_b['epoch'] == 3
+def assert_same_run(workdir_a, workdir_b, epochs):
+  """Both runs ended at `epochs` with bitwise equal states, loop records and metrics."""
+  state_a, loop_a = latest_state(str(workdir_a))
+  state_b, loop_b = latest_state(str(workdir_b))
+  assert loop_a['epoch'] == epochs
+  assert loop_a == loop_b | {'train_seconds': loop_a['train_seconds']}
+  assert jax.tree.structure(state_a) == jax.tree.structure(state_b)
   for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, b)
-  records_a = metrics_log.read_records(straight / 'metrics.jsonl')
-  records_b = metrics_log.read_records(resumed / 'metrics.jsonl')
-  drop_speed = lambda rs: [{k: v for k, v in r.items() if k != 'images_per_second'} for r in rs]
-  assert drop_speed(records_a) == drop_speed(records_b)
+  without_speed = lambda records: [{k: v for k, v in r.items() if k != 'images_per_second'}
+                                   for r in records]
+  assert without_speed(metrics_log.read_records(workdir_a / 'metrics.jsonl')) == (
+      without_speed(metrics_log.read_records(workdir_b / 'metrics.jsonl')))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_run(tmp_path_factory):
+  """The workdir of tiny_config(num_epochs=3) trained without a stop."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  trainer.train_and_evaluate(tiny_config(num_epochs=3), str(workdir))
+  return workdir
+
+
+def test_resume_continues_exactly(uninterrupted_run, tmp_path):
+  trainer.train_and_evaluate(tiny_config(num_epochs=2), str(tmp_path))
+  trainer.train_and_evaluate(tiny_config(num_epochs=3), str(tmp_path))
+  assert_same_run(uninterrupted_run, tmp_path, epochs=3)
 
 
 @pytest.mark.parametrize('key, value, message', [
@@ -197,15 +209,11 @@ KILLED_AT_COMMIT_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_run_killed_at_any_point_resumes_to_the_same_result(tmp_path):
+def test_run_killed_at_any_point_resumes_to_the_same_result(uninterrupted_run, tmp_path):
   """Kill -9 while checkpoint 1 is written, during a step of epoch 2, and while checkpoint 2 is
   written; each time the same command resumes from the last complete checkpoint."""
   args = ['--config=configs/quickstart.py', *TINY_FLAGS, '--config.num_epochs=3']
-  straight = subprocess.run([sys.executable, 'train.py', *args, f'--workdir={tmp_path / "a"}'],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert straight.returncode == 0, straight.stderr[-2000:]
-
-  workdir = tmp_path / 'b'
+  workdir = tmp_path / 'run'
   latest = workdir / 'checkpoints' / 'latest'
   args.append(f'--workdir={workdir}')
 
@@ -238,17 +246,9 @@ def test_run_killed_at_any_point_resumes_to_the_same_result(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert 'from epoch 1' in resumed.stdout
 
-  state_a, loop_a = latest_state(str(tmp_path / 'a'))
-  state_b, loop_b = latest_state(str(workdir))
-  assert loop_a == loop_b | {'train_seconds': loop_a['train_seconds']}
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
-  without_speed = lambda records: [{k: v for k, v in r.items() if k != 'images_per_second'}
-                                   for r in records]
-  assert without_speed(metrics_log.read_records(tmp_path / 'a' / 'metrics.jsonl')) == (
-      without_speed(metrics_log.read_records(workdir / 'metrics.jsonl')))
+  assert_same_run(uninterrupted_run, workdir, epochs=3)
   for kind in ('latest', 'best'):
-    assert os.listdir(tmp_path / 'a' / 'checkpoints' / kind) == os.listdir(
+    assert os.listdir(uninterrupted_run / 'checkpoints' / kind) == os.listdir(
         workdir / 'checkpoints' / kind)
 
 
