@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from lcmt_jax import input_pipeline
+
 _CIFAR10_FILES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
 _CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
                     'ship', 'truck']
@@ -42,3 +44,9 @@ def cifar10_dir(tmp_path_factory):
     tfds.builder('cifar10', data_dir=str(data_dir)).download_and_prepare()
   train_images, train_labels = (np.concatenate(a) for a in zip(*written[:-1]))
   return data_dir, (train_images, train_labels, *written[-1])
+
+
+@pytest.fixture
+def offline(monkeypatch):
+  """No network: a data set that is not prepared fails at once instead of downloading."""
+  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: False)

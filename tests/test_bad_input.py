@@ -14,7 +14,6 @@ from absl import flags
 import train
 from lcmt_jax import configuration
 from lcmt_jax import errors
-from lcmt_jax import input_pipeline
 from lcmt_jax import trainer
 from tests import helpers
 from tests.test_trainer import TINY_FLAGS, tiny_config
@@ -93,11 +92,6 @@ def assert_cifar10_refused(train_cli, data_dir, tmp_path, message):
       train_cli(*TINY_COMMAND, '--config.dataset=cifar10', f'--config.data_dir={data_dir}',
                 f'--workdir={tmp_path / "run"}'),
       message, tmp_path, before)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: False)
 
 
 def test_missing_data_dir(train_cli, tmp_path, offline):

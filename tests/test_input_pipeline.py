@@ -1,6 +1,5 @@
 """Tests for lcmt_jax.input_pipeline (REFERENCE.md "Data")."""
 
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -111,8 +110,7 @@ def test_load_dataset_restores_the_file_order(monkeypatch, tmp_path):
   np.testing.assert_array_equal(train_labels, np.arange(12) % 10)
 
 
-def test_missing_data_fails_at_once_with_instructions(monkeypatch, tmp_path):
-  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: False)
+def test_missing_data_fails_at_once_with_instructions(offline, tmp_path):
   with pytest.raises(input_pipeline.DatasetNotFoundError) as error:
     input_pipeline.load_dataset('cifar10', str(tmp_path))
   message = str(error.value)
@@ -120,8 +118,7 @@ def test_missing_data_fails_at_once_with_instructions(monkeypatch, tmp_path):
   assert f"tfds.builder('cifar10', data_dir='{tmp_path}').download_and_prepare()" in message
 
 
-def _assert_unreadable_in_one_line(data_dir, version_dir, cause, monkeypatch):
-  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: False)
+def _assert_unreadable_in_one_line(data_dir, version_dir, cause):
   before = helpers.directory_contents(data_dir)
   with pytest.raises(input_pipeline.DatasetUnreadableError) as error:
     input_pipeline.load_dataset('cifar10', str(data_dir))
@@ -131,11 +128,10 @@ def _assert_unreadable_in_one_line(data_dir, version_dir, cause, monkeypatch):
   assert helpers.directory_contents(data_dir) == before  # Nothing deleted or rewritten.
 
 
-def test_load_dataset_reads_a_real_tfds_directory_in_file_order(cifar10_dir, monkeypatch):
+def test_load_dataset_reads_a_real_tfds_directory_in_file_order(cifar10_dir, offline):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   data_dir, written = cifar10_dir
-  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: False)
   loaded = input_pipeline.load_dataset('cifar10', str(data_dir))
   for got, want in zip(loaded, written, strict=True):
     assert got.dtype == want.dtype
@@ -156,7 +152,7 @@ _RECORD_DAMAGE = {
 
 
 @pytest.mark.parametrize('damage', list(_RECORD_DAMAGE))
-def test_damaged_records_are_reported_in_one_line(damage, cifar10_dir, tmp_path, monkeypatch):
+def test_damaged_records_are_reported_in_one_line(damage, cifar10_dir, tmp_path, offline):
   data_dir, version_dir = helpers.copy_of_data_dir(cifar10_dir, tmp_path)
   rewrite, cause = _RECORD_DAMAGE[damage]
   for path in version_dir.glob('*.tfrecord-*'):
@@ -164,7 +160,7 @@ def test_damaged_records_are_reported_in_one_line(damage, cifar10_dir, tmp_path,
       path.unlink()
     else:
       path.write_bytes(rewrite(path.read_bytes()))
-  _assert_unreadable_in_one_line(data_dir, version_dir, cause, monkeypatch)
+  _assert_unreadable_in_one_line(data_dir, version_dir, cause)
 
 
 # Each damage to dataset_info.json, and the error tfds raises for it.
@@ -178,7 +174,7 @@ _INFO_DAMAGE = {
 
 
 @pytest.mark.parametrize('damage', list(_INFO_DAMAGE))
-def test_damaged_dataset_info_is_reported_in_one_line(damage, cifar10_dir, tmp_path, monkeypatch):
+def test_damaged_dataset_info_is_reported_in_one_line(damage, cifar10_dir, tmp_path, offline):
   data_dir, version_dir = helpers.copy_of_data_dir(cifar10_dir, tmp_path)
   content, cause = _INFO_DAMAGE[damage]
   info = version_dir / 'dataset_info.json'
@@ -187,7 +183,7 @@ def test_damaged_dataset_info_is_reported_in_one_line(damage, cifar10_dir, tmp_p
     info.mkdir()
   else:
     info.write_bytes(content)
-  _assert_unreadable_in_one_line(data_dir, version_dir, cause, monkeypatch)
+  _assert_unreadable_in_one_line(data_dir, version_dir, cause)
 
 
 def test_data_dir_that_is_a_file_is_refused_in_one_line(tmp_path, monkeypatch):
