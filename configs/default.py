@@ -7,6 +7,7 @@ switches each quirk listed in REFERENCE.md "Quirks" to its fix.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 VARIANTS = ('faithful', 'improved')
 
@@ -14,9 +15,16 @@ VARIANTS = ('faithful', 'improved')
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # Data (REFERENCE.md "Data").
-  config.dataset = 'cifar10'  # 'cifar10' | 'svhn' | 'digits' (embedded, offline).
-  config.data_dir = ''  # tfds data_dir; '' means tfds's default (~/tensorflow_datasets).
+  # Data (REFERENCE.md "Data"; README "Data" lists each source's folder layout).
+  config.dataset = 'cifar10'  # 'cifar10' | 'svhn' | 'image_folder' | 'digits' (embedded, offline).
+  # cifar-10-batches-py/, SVHN's .mat files, train/ + test/ class folders, or a tfds
+  # data_dir; '' means tfds's default (~/tensorflow_datasets).
+  config.data_dir = ''
+  config.cache_dir = ''  # Decoded image-folder cache; '' = data_dir/.lcmt_jax_cache.
+  config.image_size = 32  # Image folders: every image must be this many pixels square.
+  config.random_flip = config_dict.placeholder(bool)  # None = the data set's (image folders: on).
+  config.image_mean = ()  # Per channel, images in [0, 1]; () = the data set's (folders: computed).
+  config.image_std = ()
   config.labeled_per_class = 400  # 8% of each CIFAR-10 class: 4,000 labels.
   config.validation_per_class = 0  # Held out of the training set; 0 = none.
   config.split_seed = 2

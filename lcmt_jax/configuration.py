@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from lcmt_jax import data_sources
 from lcmt_jax import errors
 from lcmt_jax import schedules
 from lcmt_jax import train_state
@@ -35,13 +36,29 @@ def _number_in(low: float, high: float, *, low_open: bool = False,
   return check, f'a number in {brackets}'
 
 
+def _channel_values(positive: bool) -> tuple[Callable[[Any], bool], str]:
+  def check(v):
+    return isinstance(v, (tuple, list)) and len(v) in (0, 3) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool)
+        and (x > 0 or not positive and x == 0) for x in v)
+  sign = 'positive' if positive else 'non-negative'
+  return check, f'() for the data set\'s own, or 3 {sign} numbers, one per channel'
+
+
 _BOOL = ((lambda v: isinstance(v, bool)), 'True or False')
+_OPTIONAL_BOOL = ((lambda v: v is None or isinstance(v, bool)),
+                  'None (the data set\'s), True or False')
 _STRING = ((lambda v: isinstance(v, str)), 'a string')
 _INF = float('inf')
 
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    'dataset': _one_of('cifar10', 'svhn', 'digits'),
+    'dataset': _one_of(*data_sources.DATASETS),
     'data_dir': _STRING,
+    'cache_dir': _STRING,
+    'image_size': _int_at_least(8),
+    'random_flip': _OPTIONAL_BOOL,
+    'image_mean': _channel_values(positive=False),
+    'image_std': _channel_values(positive=True),
     'labeled_per_class': _int_at_least(1),
     'validation_per_class': _int_at_least(0),
     'split_seed': _int_at_least(0),

@@ -141,11 +141,10 @@ def import_torch_checkpoint(config: ml_collections.ConfigDict, path: str,
   config = ml_collections.ConfigDict(config.to_dict())
   config.width = int(variables['params']['conv1a']['v'].shape[-1])
   num_classes = int(variables['params']['dense']['v'].shape[-1])
-  expected_classes = input_pipeline.get_info(config.dataset).num_classes
-  if num_classes != expected_classes:
-    raise TorchCheckpointError(f'{path} has {num_classes} outputs but {config.dataset} has '
-                               f'{expected_classes} classes: pass the matching --config')
   split, data, target, predict_fn = _prepare(config, jax.random.PRNGKey(0))
+  if num_classes != split.info.num_classes:
+    raise TorchCheckpointError(f'{path} has {num_classes} outputs but {config.dataset} has '
+                               f'{split.info.num_classes} classes: pass the matching --config')
   replicated = NamedSharding(trainer.make_mesh(), PartitionSpec())
   params, batch_stats = (jax.device_put(variables[c], replicated) for c in ('params', 'batch_stats'))
   if jax.tree.structure(params) != jax.tree.structure(target.params):

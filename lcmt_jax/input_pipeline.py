@@ -1,34 +1,23 @@
-"""Data: loading, the labelled/unlabelled split, on-device augmentation and batches.
+"""Data: the labelled/unlabelled split, on-device augmentation and batches.
 
-REFERENCE.md "Data" is the spec. Images stay uint8 on the host and on the
-accelerator; `sample_batch` picks, augments (twice: student and teacher view)
-and normalises a step's batch inside the jitted training step, as a pure
-function of an RNG key and the step number.
+REFERENCE.md "Data" is the spec; `data_sources` reads the files. Images stay
+uint8 on the host and on the accelerator; `sample_batch` picks, augments
+(twice: student and teacher view) and normalises a step's batch inside the
+jitted training step, as a pure function of an RNG key and the step number.
 """
 
 import dataclasses
-import os
-import socket
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcmt_jax import data_sources
 from lcmt_jax import errors
-from lcmt_jax import tf_cpu
 
 _CROP_PADDING = 2
-_PROBE_TIMEOUT_S = 3.0
-
-
-class DatasetNotFoundError(errors.UserInputError):
-  """The data set is not on disk and cannot be downloaded from here."""
-
-
-class DatasetUnreadableError(errors.UserInputError):
-  """The prepared data set's files are damaged, e.g. by an interrupted copy."""
 
 
 class DataRequestError(errors.UserInputError, ValueError):
@@ -37,7 +26,7 @@ class DataRequestError(errors.UserInputError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """Static facts about a data set (REFERENCE.md "Data")."""
+  """Static facts about a data set (REFERENCE.md "Data"), as the on-device pipeline needs them."""
 
   name: str
   num_classes: int
@@ -53,29 +42,27 @@ DATASETS: dict[str, DatasetInfo] = {
     'svhn': DatasetInfo(
         'svhn', 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False
     ),
-    # Mean and std of the 1,297 training images from `_load_digits`, images
+    # Mean and std of the 1,297 training images of `data_sources`' digits, images
     # scaled to [0, 1], rounded to 4 places (the test suite recomputes them).
     'digits': DatasetInfo('digits', 10, (0.3053,) * 3, (0.3758,) * 3, False),
 }
 
-# tfds name and the host its files are downloaded from, per data set.
-_TFDS_SOURCES = {
-    'cifar10': ('cifar10', 'www.cs.toronto.edu'),
-    'svhn': ('svhn_cropped', 'ufldl.stanford.edu'),
-}
-
-_DIGITS_TEST_SIZE = 500
-
 
 @dataclasses.dataclass(frozen=True)
 class SplitData:
-  """Host-side arrays of one split: images uint8 (N, 32, 32, 3), labels int32.
+  """Host-side arrays of one split: images uint8 (N, H, W, 3), labels int32.
 
   The unlabelled labels are kept for diagnostics only; the validation arrays
-  are empty unless a validation split was asked for.
+  are empty unless a validation split was asked for. The index arrays point
+  into the training set in the source's order (`data_sources`).
   """
 
   info: DatasetInfo
+  source: str
+  class_names: tuple[str, ...]
+  num_train: int
+  labeled_indices: np.ndarray
+  validation_indices: np.ndarray
   labeled_images: np.ndarray
   labeled_labels: np.ndarray
   unlabeled_images: np.ndarray
@@ -87,7 +74,7 @@ class SplitData:
 
 
 def get_info(name: str) -> DatasetInfo:
-  """Returns the `DatasetInfo` of `name`, or says which names exist."""
+  """Returns the `DatasetInfo` of a built-in data set, or says which names exist."""
   if name not in DATASETS:
     raise DataRequestError(
         f'Unknown data set {name!r}: set config.dataset to one of {sorted(DATASETS)}.'
@@ -95,113 +82,36 @@ def get_info(name: str) -> DatasetInfo:
   return DATASETS[name]
 
 
-def load_dataset(
-    name: str, data_dir: str | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Returns `(train_images, train_labels, test_images, test_labels)`.
+def dataset_info(config: Any, data: data_sources.TrainTest) -> DatasetInfo:
+  """The run's `DatasetInfo`: the reference's constants, overridden by the config's keys.
 
-  Images are uint8 NHWC, labels int32, the training images in the order of
-  the original files, which the reference's label split indexes into.
+  An image folder's normalisation comes from its training images unless
+  `config.image_mean` / `config.image_std` give it; its flip is on unless
+  `config.random_flip` says otherwise.
   """
-  get_info(name)
-  if name == 'digits':
-    return _load_digits()
-  tfds_name, host = _TFDS_SOURCES[name]
-  return _load_tfds(tfds_name, host, data_dir or None)
+  known = DATASETS.get(config.dataset)
+  if known is None:
+    pixels = data.train_images.reshape(-1, data.train_images.shape[-1])
+    mean, std = channel_statistics(pixels)
+    known = DatasetInfo(config.dataset, len(data.class_names), mean, std, True)
+  flip = known.random_flip if config.random_flip is None else bool(config.random_flip)
+  return DatasetInfo(known.name, known.num_classes,
+                     tuple(config.image_mean) or known.mean, tuple(config.image_std) or known.std,
+                     flip)
 
 
-def _load_tfds(
-    tfds_name: str, host: str, data_dir: str | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  # tfds takes a file for an empty data_dir: it says the data set is missing, or
-  # fails writing the download into it.
-  if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
-    raise errors.UserInputError(
-        f'config.data_dir {data_dir!r} is a file, not a directory: set it to the tfds '
-        "data directory, or to '' for tfds's default (~/tensorflow_datasets)."
-    )
-  tf = tf_cpu.import_tensorflow()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from google.protobuf import json_format  # pylint: disable=g-import-not-at-top
-
-  try:
-    builder = tfds.builder(tfds_name, data_dir=data_dir)
-  # What a damaged dataset_info.json raises: text that is not the JSON expected
-  # (ParseError), bytes that are not UTF-8 (UnicodeDecodeError, rewrapped by tfds
-  # as RuntimeError), a file that cannot be read (tfds's DatasetInfoFileError, an
-  # OSError), a version (AssertionError) or file format (ValueError) the code lacks.
-  except (json_format.ParseError, RuntimeError, OSError, AssertionError, ValueError) as e:
-    root = data_dir or tfds.core.constants.DATA_DIR
-    version = tfds.builder_cls(tfds_name).VERSION
-    raise _unreadable_error(tfds_name, os.path.join(root, tfds_name, str(version)), e) from e
-  # Without a network, tfds retries a download for minutes before failing.
-  if not builder.is_prepared():
-    if not _network_reachable(host):
-      root = builder.data_dir_root
-      raise DatasetNotFoundError(
-          f'Data set {tfds_name!r} is not prepared in {builder.data_dir} and '
-          f'{host} cannot be reached to download it. On a machine with a '
-          'network run `python -c "import tensorflow_datasets as tfds; '
-          f"tfds.builder('{tfds_name}', data_dir='{root}').download_and_prepare()\"`, "
-          f'then copy the folder {root}/{tfds_name} into the directory given '
-          'as config.data_dir here.'
-      )
-    builder.download_and_prepare()
-  try:
-    return (*_read_split(tfds, builder, 'train'), *_read_split(tfds, builder, 'test'))
-  # What damaged record files raise: truncated or garbage records (DataLossError),
-  # fewer records than dataset_info.json counts (FailedPreconditionError), a
-  # missing file (NotFoundError).
-  except (tf.errors.DataLossError, tf.errors.FailedPreconditionError, tf.errors.NotFoundError) as e:
-    raise _unreadable_error(tfds_name, builder.data_dir, e) from e
-
-
-def _unreadable_error(tfds_name: str, version_dir: str, error: Exception) -> DatasetUnreadableError:
-  return DatasetUnreadableError(
-      f'Data set {tfds_name!r} in {version_dir} cannot be read ({type(error).__name__}): '
-      f'its files are damaged or incomplete. Delete {version_dir} and run again to '
-      'download and prepare it afresh.'
-  )
-
-
-def _network_reachable(host: str) -> bool:
-  try:
-    with socket.create_connection((host, 443), timeout=_PROBE_TIMEOUT_S):
-      return True
-  except OSError:
-    return False
-
-
-def _read_split(tfds: Any, builder: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-  # Batched iteration, not `batch_size=-1`, which aborts under tfds's mock_data.
-  ids, images, labels = [], [], []
-  for batch in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False).batch(1024)):
-    ids.append(batch['id'])
-    images.append(batch['image'])
-    labels.append(batch['label'])
-  # tfds stores examples in hashed order; the zero-padded ids ('train_00042')
-  # sort back to the file order the reference (torchvision, scipy) reads.
-  order = np.argsort(np.concatenate(ids), kind='stable')
-  return (
-      np.concatenate(images)[order].astype(np.uint8),
-      np.concatenate(labels)[order].astype(np.int32),
-  )
-
-
-def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """scikit-learn's 8x8 digits as 32x32x3 uint8 images: a real data set offline."""
-  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
-
-  digits = datasets.load_digits()
-  images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-  images = images.repeat(4, axis=1).repeat(4, axis=2)
-  images = np.repeat(images[..., None], 3, axis=-1)
-  labels = digits.target.astype(np.int32)
-  train_idx, test_idx = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=_DIGITS_TEST_SIZE, stratify=labels, random_state=0
-  )
-  train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-  return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+def channel_statistics(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std of uint8 `pixels` (P, C) scaled to [0, 1], in float64 chunks."""
+  count = len(pixels)
+  sums = np.zeros(pixels.shape[-1])
+  squares = np.zeros(pixels.shape[-1])
+  for chunk in np.array_split(pixels, max(1, count // 1_000_000)):
+    chunk = chunk.astype(np.float64) / 255.0
+    sums += chunk.sum(axis=0)
+    squares += (chunk**2).sum(axis=0)
+  mean = sums / count
+  std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+  return tuple(map(float, mean)), tuple(map(float, std))
 
 
 def split_indices(
@@ -254,31 +164,45 @@ def split_indices(
 def load_split(config: Any) -> SplitData:
   """Loads `config.dataset` and splits its training set as `split_indices` does.
 
-  Uses `config.dataset`, `config.data_dir`, `config.labeled_per_class`,
-  `config.validation_per_class` (0 for none) and `config.split_seed`.
+  Uses `config.dataset`, `data_dir`, `image_size`, `cache_dir`, `labeled_per_class`,
+  `validation_per_class` (0 for none), `split_seed`, `random_flip`, `image_mean`
+  and `image_std`.
   """
-  info = get_info(config.dataset)
-  train_images, train_labels, test_images, test_labels = load_dataset(
-      config.dataset, config.data_dir
-  )
+  data = data_sources.load(config.dataset, config.data_dir, image_size=config.image_size,
+                           cache_dir=config.cache_dir)
+  info = dataset_info(config, data)
   labeled, unlabeled, validation = split_indices(
-      train_labels,
+      data.train_labels,
       info.num_classes,
       config.labeled_per_class,
       config.validation_per_class,
       config.split_seed,
   )
+  train_images, train_labels = data.train_images, data.train_labels
   return SplitData(
       info=info,
+      source=data.source,
+      class_names=data.class_names,
+      num_train=len(train_labels),
+      labeled_indices=labeled,
+      validation_indices=validation,
       labeled_images=train_images[labeled],
       labeled_labels=train_labels[labeled],
       unlabeled_images=train_images[unlabeled],
       unlabeled_labels=train_labels[unlabeled],
       validation_images=train_images[validation],
       validation_labels=train_labels[validation],
-      test_images=test_images,
-      test_labels=test_labels,
+      test_images=data.test_images,
+      test_labels=data.test_labels,
   )
+
+
+def split_record(dataset: str, split: SplitData) -> dict[str, Any]:
+  """What `split.json` holds: which training images (source order) were labelled and held out."""
+  return {'dataset': dataset, 'source': split.source, 'num_train': split.num_train,
+          'classes': list(split.class_names),
+          'labeled': split.labeled_indices.tolist(),
+          'validation': split.validation_indices.tolist()}
 
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
@@ -320,20 +244,23 @@ def steps_per_epoch(num_unlabeled: int, unlabeled_batch_size: int) -> int:
   return num_unlabeled // unlabeled_batch_size
 
 
-def batch_indices(
-    key: jax.Array,
-    step: jax.Array,
-    num_labeled: int,
-    num_unlabeled: int,
-    labeled_batch_size: int,
-    unlabeled_batch_size: int,
-) -> tuple[jax.Array, jax.Array]:
-  """Returns `(labeled_idx, unlabeled_idx)` of global step `step` (0-based).
+class Shuffles(NamedTuple):
+  """The loaders' shuffles of consecutive epochs from `first_epoch` (see `shuffles`)."""
+
+  first_epoch: jax.Array
+  labeled: jax.Array  # (epochs, labelled passes per epoch, num_labeled)
+  unlabeled: jax.Array  # (epochs, num_unlabeled)
+
+
+def shuffles(key: jax.Array, first_epoch: jax.Array, num_epochs: int, num_labeled: int,
+             num_unlabeled: int, labeled_batch_size: int, unlabeled_batch_size: int) -> Shuffles:
+  """The shuffles of `num_epochs` epochs from `first_epoch`, drawn once for many steps.
 
   Mirrors the reference's loaders (REFERENCE.md "Data"): epoch `e` is a fresh
   shuffle of the unlabelled set; the labelled loader is rebuilt at the start
-  of each epoch and reshuffled whenever it runs out within it. Both drop their
-  last partial batch.
+  of each epoch and reshuffled whenever it runs out within it. `key` is the one
+  given to `sample_batch`. A shuffle of the 46,000 CIFAR-10 images is a sort,
+  so a compiled call of many steps draws its epochs' shuffles once, not per step.
   """
   if num_labeled < labeled_batch_size:
     raise DataRequestError(
@@ -341,20 +268,37 @@ def batch_indices(
         f'{labeled_batch_size}: lower the labelled batch size or label more images.'
     )
   epoch_steps = steps_per_epoch(num_unlabeled, unlabeled_batch_size)
-  epoch, position = jnp.divmod(jnp.asarray(step, jnp.int32), epoch_steps)
-  cycle, labeled_position = jnp.divmod(position, num_labeled // labeled_batch_size)
+  passes = -(-epoch_steps // (num_labeled // labeled_batch_size))
+  unlabeled_key, labeled_key = jax.random.split(jax.random.split(key)[0])
 
-  unlabeled_key, labeled_key = jax.random.split(key)
-  unlabeled_key = jax.random.fold_in(unlabeled_key, epoch)
-  labeled_key = jax.random.fold_in(jax.random.fold_in(labeled_key, epoch), cycle)
-  labeled_order = jax.random.permutation(labeled_key, num_labeled)
-  unlabeled_order = jax.random.permutation(unlabeled_key, num_unlabeled)
+  def one_epoch(epoch):
+    labeled_epoch_key = jax.random.fold_in(labeled_key, epoch)
+    labeled = jax.vmap(lambda cycle: jax.random.permutation(
+        jax.random.fold_in(labeled_epoch_key, cycle), num_labeled))(jnp.arange(passes))
+    return labeled, jax.random.permutation(jax.random.fold_in(unlabeled_key, epoch), num_unlabeled)
+
+  first_epoch = jnp.asarray(first_epoch, jnp.int32)
+  labeled, unlabeled = jax.vmap(one_epoch)(first_epoch + jnp.arange(num_epochs, dtype=jnp.int32))
+  return Shuffles(first_epoch, labeled, unlabeled)
+
+
+def batch_indices(orders: Shuffles, step: jax.Array, labeled_batch_size: int,
+                  unlabeled_batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """Returns `(labeled_idx, unlabeled_idx)` of global step `step` (0-based), which `orders` covers.
+
+  Both loaders drop their last partial batch.
+  """
+  num_labeled, num_unlabeled = orders.labeled.shape[-1], orders.unlabeled.shape[-1]
+  epoch, position = jnp.divmod(jnp.asarray(step, jnp.int32),
+                               steps_per_epoch(num_unlabeled, unlabeled_batch_size))
+  cycle, labeled_position = jnp.divmod(position, num_labeled // labeled_batch_size)
+  epoch = epoch - orders.first_epoch
   return (
       jax.lax.dynamic_slice_in_dim(
-          labeled_order, labeled_position * labeled_batch_size, labeled_batch_size
+          orders.labeled[epoch, cycle], labeled_position * labeled_batch_size, labeled_batch_size
       ),
       jax.lax.dynamic_slice_in_dim(
-          unlabeled_order, position * unlabeled_batch_size, unlabeled_batch_size
+          orders.unlabeled[epoch], position * unlabeled_batch_size, unlabeled_batch_size
       ),
   )
 
@@ -366,25 +310,25 @@ def sample_batch(
     info: DatasetInfo,
     labeled_batch_size: int,
     unlabeled_batch_size: int,
+    orders: Shuffles | None = None,
 ) -> dict[str, jax.Array]:
   """The training batch of step `step`: two independent augmented views per image.
 
   `data` holds the on-device uint8 'labeled_images', 'labeled_labels' and
   'unlabeled_images'. Pure in `(key, step)`, so it can run inside a jitted
-  `lax.scan` over steps.
+  `lax.scan` over steps; `orders`, from `shuffles` with the same key and an
+  epoch range that holds `step`, only saves drawing the step's shuffles again.
   """
-  index_key, augment_key = jax.random.split(key)
-  labeled_idx, unlabeled_idx = batch_indices(
-      index_key,
-      step,
-      data['labeled_images'].shape[0],
-      data['unlabeled_images'].shape[0],
-      labeled_batch_size,
-      unlabeled_batch_size,
-  )
+  num_labeled, num_unlabeled = data['labeled_images'].shape[0], data['unlabeled_images'].shape[0]
+  if orders is None:
+    epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch(num_unlabeled, unlabeled_batch_size)
+    orders = shuffles(key, epoch, 1, num_labeled, num_unlabeled, labeled_batch_size,
+                      unlabeled_batch_size)
+  labeled_idx, unlabeled_idx = batch_indices(orders, step, labeled_batch_size,
+                                             unlabeled_batch_size)
   labeled = data['labeled_images'][labeled_idx]
   unlabeled = data['unlabeled_images'][unlabeled_idx]
-  keys = jax.random.split(jax.random.fold_in(augment_key, step), 4)
+  keys = jax.random.split(jax.random.fold_in(jax.random.split(key)[1], step), 4)
   return {
       'labeled_student': augment(keys[0], labeled, info),
       'labeled_teacher': augment(keys[1], labeled, info),

@@ -1,11 +1,18 @@
-"""What a run tells a person: a progress bar, metrics.jsonl, TensorBoard scalars, a summary."""
+"""What a run tells a person: a progress bar, metrics.jsonl, TensorBoard scalars, a summary.
+
+TensorBoard scalars are written by the `tensorboard` package's own event-file
+writer, which needs no TensorFlow (it uses TensorFlow's file system where that
+is installed).
+"""
 
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
 import tqdm
+from tensorboard import summary as tensorboard_summary
 
 from lcmt_jax import tf_cpu
 
@@ -14,6 +21,10 @@ _BAR_METRICS = ('loss', 'ce_loss', 'consistency_loss', 'lc_loss')
 
 class MetricsLog:
   """Appends one JSON record per (epoch, kind) to `workdir/metrics.jsonl` and to TensorBoard.
+
+  Each record carries its `wall_time` (Unix seconds), so the time a run spends
+  on training, evaluation and checkpoints can be read back
+  (`benchmarks/protocol_time.py`).
 
   On resumption the records after the restored epoch (written by the
   interrupted run after its last checkpoint) are dropped, so the file holds
@@ -36,11 +47,18 @@ class MetricsLog:
     if not self._enabled:
       return
     with open(self._path, 'a') as f:
-      f.write(json.dumps({'epoch': epoch, 'kind': kind, **values}) + '\n')
-    writer = self._tensorboard_writer()
+      f.write(json.dumps({'epoch': epoch, 'kind': kind, **values, 'wall_time': time.time()}) + '\n')
+    if self._tensorboard is None:
+      tf_cpu.hide_gpus_if_installed()
+      self._tensorboard = tensorboard_summary.Writer(os.path.join(self._workdir, 'tensorboard'))
     for key, value in values.items():
-      writer.scalar(f'{kind}/{key}', value, epoch)
-    writer.flush()
+      self._tensorboard.add_scalar(f'{kind}/{key}', value, epoch)
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._tensorboard = None
 
   def write_summary(self, summary: dict[str, Any]) -> None:
     if not self._enabled:
@@ -49,14 +67,6 @@ class MetricsLog:
     with open(path + '.tmp', 'w') as f:
       json.dump(summary, f, indent=2)
     os.replace(path + '.tmp', path)
-
-  def _tensorboard_writer(self):
-    # Imported on first use: flax's writer loads TensorFlow, which takes seconds.
-    if self._tensorboard is None:
-      tf_cpu.import_tensorflow()
-      from flax.metrics import tensorboard
-      self._tensorboard = tensorboard.SummaryWriter(os.path.join(self._workdir, 'tensorboard'))
-    return self._tensorboard
 
 
 def read_records(path: str) -> list[dict[str, Any]]:

@@ -36,8 +36,9 @@ from lcmt_jax import models
 from lcmt_jax import train_state
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
-RESUMABLE_KEYS = frozenset({'data_dir', 'num_epochs', 'steps_per_call', 'eval_every_epochs',
-                            'eval_batch_size', 'checkpoint_every_epochs', 'progress_bar'})
+RESUMABLE_KEYS = frozenset({'data_dir', 'cache_dir', 'num_epochs', 'steps_per_call',
+                            'eval_every_epochs', 'eval_batch_size', 'checkpoint_every_epochs',
+                            'progress_bar'})
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -77,13 +78,22 @@ def run_steps(state: train_state.TrainState, data: dict[str, jax.Array], data_ke
   """`num_steps` training steps in one `lax.scan`; returns the state and per-step metrics.
 
   Batches are a pure function of `data_key` and the global step, so a resumed
-  run sees exactly the batches an uninterrupted one would.
+  run sees exactly the batches an uninterrupted one would. The loaders'
+  shuffles of every epoch the call reaches are drawn once, before the steps.
   """
+  with jax.named_scope('sample_batch'):
+    epoch_steps = input_pipeline.steps_per_epoch(data['unlabeled_images'].shape[0],
+                                                 unlabeled_batch_size)
+    orders = input_pipeline.shuffles(
+        data_key, state.step // epoch_steps, (num_steps - 1) // epoch_steps + 2,
+        data['labeled_images'].shape[0], data['unlabeled_images'].shape[0], labeled_batch_size,
+        unlabeled_batch_size)
 
   def one_step(state, _):
-    batch = input_pipeline.sample_batch(data_key, state.step, data, info, labeled_batch_size,
-                                        unlabeled_batch_size)
-    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    with jax.named_scope('sample_batch'):
+      batch = input_pipeline.sample_batch(data_key, state.step, data, info, labeled_batch_size,
+                                          unlabeled_batch_size, orders)
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return train_state.train_step(state, batch, step_config)
 
   if num_steps == 1:  # No loop at all: see `default_steps_per_call`.
@@ -207,6 +217,17 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str, changed: lis
   os.replace(path + '.tmp', path)
 
 
+def _record_split(config: ml_collections.ConfigDict, workdir: str,
+                  split: input_pipeline.SplitData) -> None:
+  """Writes `workdir/split.json`: which training images were labelled and held out."""
+  if not distributed.is_lead_process():
+    return
+  path = os.path.join(workdir, 'split.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(input_pipeline.split_record(config.dataset, split), f)
+  os.replace(path + '.tmp', path)
+
+
 def _initial_state(config, model, tx, info, data, key):
   """Data-dependent init from one augmented labelled batch per network, as the reference."""
   init_key, student_batch_key, teacher_batch_key = jax.random.split(key, 3)
@@ -271,6 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, loop = checkpoints.restore('latest', state)
   checkpoints.discard_after(loop['epoch'])
   _record_config(config, workdir, changed_keys)  # Once the checkpoint has proved readable.
+  _record_split(config, workdir, split)
   log = metrics_log.MetricsLog(workdir, resume_after_epoch=loop['epoch'], enabled=lead)
 
   steps_per_call = config.steps_per_call or default_steps_per_call(steps_per_epoch)
@@ -330,6 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoints.wait_until_finished()
     checkpoints.close()
     progress.close()
+    log.close()
   summary = _summary(config, loop)
   log.write_summary(summary)
   if lead:

@@ -1,9 +1,11 @@
 """Fixtures shared by several test modules."""
 
+import sys
+
 import numpy as np
 import pytest
 
-from lcmt_jax import input_pipeline
+from lcmt_jax import data_sources
 
 _CIFAR10_FILES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
 _CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
@@ -26,7 +28,7 @@ def cifar10_dir(tmp_path_factory):
   Returns the data_dir and the `(train_images, train_labels, test_images,
   test_labels)` written, in file order.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = pytest.importorskip('tensorflow_datasets')  # Absent on the GPU image.
 
   download = tmp_path_factory.mktemp('download')
   batches = download / 'cifar-10-batches-bin'
@@ -49,4 +51,36 @@ def cifar10_dir(tmp_path_factory):
 @pytest.fixture
 def offline(monkeypatch):
   """No network: a data set that is not prepared fails at once instead of downloading."""
-  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: False)
+  monkeypatch.setattr(data_sources, 'network_reachable', lambda host: False)
+
+
+def run_train(*args: str) -> int:
+  """Runs `train.py ARGS` in this process; returns its exit status.
+
+  The flags are parsed as `absl.app.run` parses them.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  import train  # pylint: disable=import-outside-toplevel  # Defines its flags on import.
+  from lcmt_jax import errors  # pylint: disable=import-outside-toplevel
+
+  argv = ['train.py', *args]
+  flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+    delattr(flags.FLAGS, name)  # ml_collections defines the overrides anew at each parse.
+  with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+    patch.setattr(sys, 'argv', argv)  # Where ml_collections finds the overrides.
+    train.main(errors.parse_flags_or_exit(argv))
+    raise SystemExit(0)
+  return exit_info.value.code
+
+
+@pytest.fixture
+def train_cli(capsys):
+  """`train_cli(*args)` -> `(exit status, the error: lines of stderr)` of `train.py` in-process."""
+
+  def run(*args):
+    code = run_train(*args)
+    stderr = capsys.readouterr().err
+    return code, [line for line in stderr.splitlines() if line.startswith('error:')]
+
+  return run

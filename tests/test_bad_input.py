@@ -1,49 +1,20 @@
 """Bad input to `train.py`, one test per case: exit status 2, a one-line error, nothing damaged.
 
-`train.py`'s `main` runs in this process (a subprocess per case would cost
-seconds of start-up each); the flags are parsed as `absl.app.run` parses them.
+`train.py`'s `main` runs in this process (conftest's `train_cli`; a subprocess
+per case would cost seconds of start-up each).
 """
 
 import json
 import shutil
-import sys
 
 import pytest
-from absl import flags
 
-import train
 from lcmt_jax import configuration
-from lcmt_jax import errors
 from lcmt_jax import trainer
 from tests import helpers
 from tests.test_trainer import TINY_FLAGS, tiny_config
 
 TINY_COMMAND = ['--config=configs/quickstart.py', *TINY_FLAGS, '--config.num_epochs=1']
-
-
-def run_train(*args: str) -> int:
-  """Runs `train.py ARGS` in this process; returns its exit status."""
-  argv = ['train.py', *args]
-  flags.FLAGS.unparse_flags()
-  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
-    delattr(flags.FLAGS, name)  # ml_collections defines the overrides anew at each parse.
-  with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
-    patch.setattr(sys, 'argv', argv)  # Where ml_collections finds the overrides.
-    train.main(errors.parse_flags_or_exit(argv))
-    raise SystemExit(0)
-  return exit_info.value.code
-
-
-@pytest.fixture
-def train_cli(capsys):
-  """`train_cli(*args)` -> `(exit status, the error: lines of stderr)`."""
-
-  def run(*args):
-    code = run_train(*args)
-    stderr = capsys.readouterr().err
-    return code, [line for line in stderr.splitlines() if line.startswith('error:')]
-
-  return run
 
 
 @pytest.fixture(scope='module')
@@ -69,8 +40,10 @@ def assert_refused(result, message, workdir, before):
   assert helpers.directory_contents(workdir) == before  # Nothing written, moved or deleted.
 
 
-# data_dir has no invalid value of its own: a missing one or one that is a file are cases below.
-@pytest.mark.parametrize('key', sorted(set(configuration.RULES) - {'data_dir'}))
+# data_dir and cache_dir have no invalid value of their own (any string is a path): a missing
+# data_dir or one that is a file are cases below; an unwritable cache_dir only warns
+# (tests/test_data_sources.py).
+@pytest.mark.parametrize('key', sorted(set(configuration.RULES) - {'data_dir', 'cache_dir'}))
 def test_invalid_config_value(train_cli, workdir, key):
   check, _ = configuration.RULES[key]
   bad = next(v for v in (-1, 'bogus', 1.5) if not check(v))
@@ -95,6 +68,7 @@ def assert_cifar10_refused(train_cli, data_dir, tmp_path, message):
 
 
 def test_missing_data_dir(train_cli, tmp_path, offline):
+  pytest.importorskip('tensorflow_datasets')  # The tfds source's own message.
   assert_cifar10_refused(train_cli, tmp_path / 'no_such_dir', tmp_path, 'is not prepared')
 
 
@@ -124,7 +98,8 @@ def test_allow_config_change_resumes_with_the_new_values(train_cli, workdir):
   assert json.loads((workdir / 'config.json').read_text())['lc_weight'] == 3
   (kept,) = workdir.glob('config.*-*.json')  # The config the run was started with.
   assert kept.read_text() == old_config
-  assert [json.loads(line)['epoch'] for line in open(workdir / 'metrics.jsonl')] == [1, 1, 2, 2]
+  records = (workdir / 'metrics.jsonl').read_text().splitlines()
+  assert [json.loads(line)['epoch'] for line in records] == [1, 1, 2, 2]
 
 
 def test_unreadable_config_record(train_cli, workdir):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -125,7 +126,7 @@ def test_plot_writes_png_files(run, tmp_path):
   workdir = run[0]
   other = tmp_path / 'other_run'  # A second run to overlay: the same curves, another label.
   other.mkdir()
-  (other / 'metrics.jsonl').write_text(open(os.path.join(workdir, 'metrics.jsonl')).read())
+  shutil.copy(os.path.join(workdir, 'metrics.jsonl'), other / 'metrics.jsonl')
   out = tmp_path / 'figures'
   paths = plot.make_figures([workdir], str(out), checkpoint='latest')
   paths.append(plot.plot_learning_curves([workdir, str(other)], str(out / 'overlaid.png')))
@@ -176,7 +177,7 @@ def test_report_falls_back_to_metrics_jsonl(run, tmp_path):
   copy = tmp_path / 'copy'
   copy.mkdir()
   for name in ('metrics.jsonl', 'config.json'):
-    (copy / name).write_text(open(os.path.join(workdir, name)).read())
+    shutil.copy(os.path.join(workdir, name), copy / name)
   rebuilt = report.load_run(str(copy))
   assert not rebuilt.complete
   for key, _ in report.COLUMNS:

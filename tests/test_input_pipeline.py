@@ -2,13 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from lcmt_jax import errors
+from configs import default
+from lcmt_jax import data_sources
 from lcmt_jax import input_pipeline
-from tests import helpers
 
 # mean 0, std 1: normalised pixels are x / 255, so tests can read images back.
 _PLAIN = input_pipeline.DatasetInfo('plain', 10, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False)
@@ -75,149 +74,6 @@ def _encoded_data(num_labeled, num_unlabeled):
   }
 
 
-@pytest.mark.parametrize('name', ['cifar10', 'svhn'])
-def test_load_dataset_reads_mocked_tfds(name, monkeypatch, tmp_path):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  # Under mock_data the builder is never prepared and download_and_prepare is a no-op.
-  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: True)
-  with tfds.testing.mock_data(num_examples=6):
-    loaded = input_pipeline.load_dataset(name, str(tmp_path))
-  for images, labels in [loaded[:2], loaded[2:]]:
-    assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
-    assert labels.shape == (6,) and labels.dtype == np.int32
-    assert labels.min() >= 0 and labels.max() < 10
-
-
-def test_load_dataset_restores_the_file_order(monkeypatch, tmp_path):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  # tfds yields examples in hashed order; the ids carry the original position.
-  stored = np.random.RandomState(0).permutation(12)
-
-  def as_dataset(self, *args, **kwargs):
-    del self, args, kwargs
-    return tf.data.Dataset.from_tensor_slices({
-        'id': [f'train_{i:05d}'.encode() for i in stored],
-        'image': np.broadcast_to(stored[:, None, None, None], (12, 32, 32, 3)).astype(np.uint8),
-        'label': stored % 10,
-    })
-
-  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: True)
-  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
-    train_images, train_labels, _, _ = input_pipeline.load_dataset('cifar10', str(tmp_path))
-  np.testing.assert_array_equal(train_images[:, 0, 0, 0], np.arange(12))
-  np.testing.assert_array_equal(train_labels, np.arange(12) % 10)
-
-
-def test_missing_data_fails_at_once_with_instructions(offline, tmp_path):
-  with pytest.raises(input_pipeline.DatasetNotFoundError) as error:
-    input_pipeline.load_dataset('cifar10', str(tmp_path))
-  message = str(error.value)
-  assert "'cifar10'" in message and str(tmp_path) in message
-  assert f"tfds.builder('cifar10', data_dir='{tmp_path}').download_and_prepare()" in message
-
-
-def _assert_unreadable_in_one_line(data_dir, version_dir, cause):
-  before = helpers.directory_contents(data_dir)
-  with pytest.raises(input_pipeline.DatasetUnreadableError) as error:
-    input_pipeline.load_dataset('cifar10', str(data_dir))
-  message = str(error.value)
-  assert '\n' not in message and "'cifar10'" in message and f'({cause})' in message
-  assert f'Delete {version_dir} and' in message
-  assert helpers.directory_contents(data_dir) == before  # Nothing deleted or rewritten.
-
-
-def test_load_dataset_reads_a_real_tfds_directory_in_file_order(cifar10_dir, offline):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  data_dir, written = cifar10_dir
-  loaded = input_pipeline.load_dataset('cifar10', str(data_dir))
-  for got, want in zip(loaded, written, strict=True):
-    assert got.dtype == want.dtype
-    np.testing.assert_array_equal(got, want)
-  # Only a test if tfds stored the examples out of order.
-  stored = tfds.builder('cifar10', data_dir=str(data_dir)).as_dataset(split='train')
-  ids = [example['id'] for example in tfds.as_numpy(stored)]
-  assert ids != sorted(ids)
-
-
-# Each damage to every record file, and the TensorFlow error it raises.
-_RECORD_DAMAGE = {
-    'truncated': (lambda data: data[:-10], 'DataLossError'),  # Inside the last record.
-    'garbage': (lambda data: b'\xde\xad' * (len(data) // 2), 'DataLossError'),
-    'emptied': (lambda data: b'', 'FailedPreconditionError'),
-    'deleted': (None, 'NotFoundError'),
-}
-
-
-@pytest.mark.parametrize('damage', list(_RECORD_DAMAGE))
-def test_damaged_records_are_reported_in_one_line(damage, cifar10_dir, tmp_path, offline):
-  data_dir, version_dir = helpers.copy_of_data_dir(cifar10_dir, tmp_path)
-  rewrite, cause = _RECORD_DAMAGE[damage]
-  for path in version_dir.glob('*.tfrecord-*'):
-    if rewrite is None:
-      path.unlink()
-    else:
-      path.write_bytes(rewrite(path.read_bytes()))
-  _assert_unreadable_in_one_line(data_dir, version_dir, cause)
-
-
-# Each damage to dataset_info.json, and the error tfds raises for it.
-_INFO_DAMAGE = {
-    'not_json': (b'not json {', 'ParseError'),
-    'truncated': (b'{"name": "cifar10", "spli', 'ParseError'),
-    'not_utf8': (b'\xff\xfe\x00\x9c', 'RuntimeError'),
-    'no_version': (b'{}', 'AssertionError'),
-    'unreadable': (None, 'DatasetInfoFileError'),  # A directory in its place.
-}
-
-
-@pytest.mark.parametrize('damage', list(_INFO_DAMAGE))
-def test_damaged_dataset_info_is_reported_in_one_line(damage, cifar10_dir, tmp_path, offline):
-  data_dir, version_dir = helpers.copy_of_data_dir(cifar10_dir, tmp_path)
-  content, cause = _INFO_DAMAGE[damage]
-  info = version_dir / 'dataset_info.json'
-  if content is None:
-    info.unlink()
-    info.mkdir()
-  else:
-    info.write_bytes(content)
-  _assert_unreadable_in_one_line(data_dir, version_dir, cause)
-
-
-def test_data_dir_that_is_a_file_is_refused_in_one_line(tmp_path, monkeypatch):
-  # Reachable, so that without the check tfds would try to download into the file.
-  monkeypatch.setattr(input_pipeline, '_network_reachable', lambda host: True)
-  data_file = tmp_path / 'tfds'
-  data_file.write_text('not a directory')
-  with pytest.raises(errors.UserInputError, match='is a file, not a directory') as error:
-    input_pipeline.load_dataset('cifar10', str(data_file))
-  assert '\n' not in str(error.value) and str(data_file) in str(error.value)
-  assert data_file.read_text() == 'not a directory'
-
-
-def test_unknown_dataset_is_refused_as_user_input():
-  with pytest.raises(ValueError, match='Unknown data set') as error:
-    input_pipeline.load_dataset('imagenet', None)
-  assert isinstance(error.value, errors.UserInputError)
-
-
-def test_digits_loads_offline():
-  train_images, train_labels, test_images, test_labels = input_pipeline.load_dataset('digits', None)
-  assert train_images.shape == (1297, 32, 32, 3) and test_images.shape == (500, 32, 32, 3)
-  assert train_images.dtype == np.uint8 and train_labels.dtype == np.int32
-  assert train_images.max() == 255 and np.array_equal(train_images[..., 0], train_images[..., 2])
-  assert np.all(np.bincount(test_labels, minlength=10) >= 48)
-
-
-def test_digits_statistics_match_the_constants():
-  train_images = input_pipeline.load_dataset('digits', None)[0] / 255.0
-  info = input_pipeline.DATASETS['digits']
-  np.testing.assert_allclose(train_images.mean(axis=(0, 1, 2)), info.mean, atol=1e-4)
-  np.testing.assert_allclose(train_images.std(axis=(0, 1, 2)), info.std, atol=1e-4)
-
-
 @pytest.mark.parametrize('seed', [2, 7])
 def test_split_reproduces_the_reference_draw(seed):
   labels = _synthetic_labels()
@@ -253,12 +109,17 @@ def test_bad_split_requests_are_refused(labeled_per_class, validation_per_class,
 
 
 def test_load_split_on_digits():
-  config = ml_collections.ConfigDict({
-      'dataset': 'digits', 'data_dir': '', 'labeled_per_class': 10,
-      'validation_per_class': 5, 'split_seed': 2,
-  })
+  config = default.get_config()
+  config.update(dataset='digits', labeled_per_class=10, validation_per_class=5)
   split = input_pipeline.load_split(config)
-  assert split.info is input_pipeline.DATASETS['digits']
+  assert split.info == input_pipeline.DATASETS['digits']
+  assert (split.source, split.num_train) == ('digits', 1297)
+  assert split.class_names == tuple(str(d) for d in range(10))
+  train_labels = data_sources.load('digits', '').train_labels
+  np.testing.assert_array_equal(split.labeled_indices,
+                                _reference_labeled_indices(train_labels, 10, 2))
+  np.testing.assert_array_equal(split.labeled_labels, train_labels[split.labeled_indices])
+  assert np.intersect1d(split.labeled_indices, split.validation_indices).size == 0
   assert split.labeled_images.shape == (100, 32, 32, 3)
   assert split.validation_images.shape == (50, 32, 32, 3)
   assert split.unlabeled_images.shape == (1297 - 150, 32, 32, 3)
@@ -349,3 +210,18 @@ def test_batches_too_large_for_the_data_are_refused():
   with pytest.raises(ValueError, match='labelled images do not fill one batch'):
     input_pipeline.sample_batch(
         jax.random.key(0), jnp.int32(0), _encoded_data(4, 100), _PLAIN, 8, 16)
+
+
+@pytest.mark.parametrize('first_step, num_steps', [(0, 8), (5, 9), (13, 1)])
+def test_shuffles_drawn_once_give_the_batches_of_the_per_step_draw(first_step, num_steps):
+  """`run_steps` draws its epochs' shuffles once; every step must still see its own batch."""
+  data = _encoded_data(20, 64)  # 4 steps an epoch, labelled passes of 2 batches.
+  epoch_steps = input_pipeline.steps_per_epoch(64, 16)
+  key = jax.random.key(5)
+  orders = input_pipeline.shuffles(key, first_step // epoch_steps,
+                                   (num_steps - 1) // epoch_steps + 2, 20, 64, 8, 16)
+  for step in range(first_step, first_step + num_steps):
+    once = input_pipeline.sample_batch(key, jnp.int32(step), data, _PLAIN, 8, 16, orders)
+    per_step = input_pipeline.sample_batch(key, jnp.int32(step), data, _PLAIN, 8, 16)
+    for name in per_step:
+      np.testing.assert_array_equal(once[name], per_step[name])
