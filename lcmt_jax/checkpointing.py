@@ -22,7 +22,12 @@ class CheckpointError(errors.UserInputError):
 
 
 class RunCheckpoints:
-  """`workdir/checkpoints/latest` and `workdir/checkpoints/best`, one checkpoint each."""
+  """`workdir/checkpoints/latest` (the newest checkpoint) and `best` (the two newest).
+
+  `best` keeps the previous best too: a run killed after writing a new best but
+  before the `latest` of that epoch resumes from the older `latest`, drops the
+  newer best (`discard_after`) and still has the best its loop state names.
+  """
 
   def __init__(self, workdir: str, read_only: bool = False):
     """`read_only` opens a run for inspection without touching it, even while it trains."""
@@ -32,7 +37,8 @@ class RunCheckpoints:
             # A save killed midway leaves only a temporary directory: the training
             # process removes it when it starts again.
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=not read_only, read_only=read_only,
+                max_to_keep=2 if kind == 'best' else 1, create=not read_only,
+                read_only=read_only,
                 cleanup_tmp_directories=not read_only,
                 # Both managers save the same epoch at once; in a multi-process run their
                 # barriers, named after the epoch, would collide without a prefix.
