@@ -1,21 +1,30 @@
-"""Training throughput of the JAX step against the PyTorch port's eager step.
+"""Training throughput of the JAX step against the PyTorch port's.
 
     python -m benchmarks.throughput --steps 20 --warmup 2 --epoch --epoch_dtypes float32,bfloat16
 
 Rows (each at the full ConvLarge and a 32 + 128 batch unless flags say otherwise):
 
-- JAX step, float32 and bfloat16 compute (`ConvLarge(dtype=...)`): `train_step`
-  on one fixed batch already on the device. On an accelerator the timed steps
+- JAX step, float32 and bfloat16 compute (`ConvLarge(dtype=...)`), and
+  `float32-highest` (float32 with `jax.default_matmul_precision('highest')`, no
+  TF32 on GPUs): `train_step` on one fixed batch already on the device. On an accelerator the timed steps
   run in one `lax.scan`; on the CPU every step is its own jitted call, because
   XLA:CPU runs these convolutions far slower inside a loop
   (`trainer.default_steps_per_call`).
-- PyTorch step: `benchmarks.torch_reference.train_step`, eager float32, on
-  fixed tensors on the device.
-- With `--epoch`, one epoch end to end over synthetic uint8 CIFAR-size data,
-  each side with its own data pipeline: JAX runs `trainer.run_steps`
-  (sampling and augmentation inside `jit`); PyTorch crops and flips each image
-  on the host with torch ops, as torchvision's transforms would, stacks the
-  batch, moves it to the device and steps.
+- With `--epoch`, JAX epoch rows: one epoch end to end over synthetic uint8
+  CIFAR-size data through `trainer.run_steps` (sampling and augmentation inside
+  `jit`).
+- PyTorch rows, unless `--skip_torch`: `benchmarks.torch_throughput` (its
+  docstring describes them: eager float32, bfloat16 autocast + channels_last,
+  `torch.compile`, and with `--epoch` epochs fed from the host or from the
+  reference's DataLoader), run after the JAX rows in a subprocess that never
+  imports JAX, so that the frameworks do not share a GPU process. Its rows come
+  back as JSON. With JAX's default preallocation it gets the quarter of the GPU
+  that JAX left, far more than this model needs. `--torch_rows` picks the rows.
+
+`vs PyTorch` compares each step row with `PyTorch step float32` and each epoch
+row with `PyTorch epoch float32`; a row that could not be measured (a
+`torch.compile` past `--torch_compile_budget`, or one that raised) prints n/a
+and says why in its note.
 
 Images per second count each labelled and unlabelled image once per step
 (160 at the reference's batch), whatever the number of passes over it.
@@ -30,13 +39,15 @@ give float32 convolutions on these GPUs by default.
 """
 
 import argparse
-import dataclasses
 import datetime
 import functools
+import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -44,12 +55,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from benchmarks import common
+from benchmarks import profile_summary
+from benchmarks.common import Row
 from configs import default as default_config
 from lcmt_jax import input_pipeline
 from lcmt_jax import train_state
 from lcmt_jax import trainer
 
-CIFAR10_UNLABELED, CIFAR10_LABELED, REFERENCE_EPOCHS = 46_000, 4_000, 1000
+REFERENCE_EPOCHS = 1000
 # Dense peak TFLOP/s by device name: (bfloat16, TF32, float32 without tensor cores).
 # First match wins, so a more specific name comes first.
 PEAK_TFLOPS = (
@@ -76,27 +90,25 @@ def step_flops(width: int, images_per_step: int) -> int:
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The dense peak a row is rated against: bf16, TF32 for float32, plain float32 for `-highest`."""
+  kind = {'bfloat16': 'bfloat16', 'float32-highest': 'float32'}.get(dtype, 'tf32')
   for name, peaks in PEAK_TFLOPS:
     if name in device_kind:
-      return peaks['bfloat16' if dtype == 'bfloat16' else 'tf32']
+      return peaks[kind]
   return None
-
-
-@dataclasses.dataclass
-class Row:
-  name: str
-  images_per_second: float
-  seconds_per_step: float
-  mfu: float | None = None
-  note: str = ''
 
 
 # --- JAX ----------------------------------------------------------------------------------------
 
+def _matmul_precision(dtype: str):
+  """`float32-highest` is float32 with `jax.default_matmul_precision('highest')`: no TF32."""
+  return jax.default_matmul_precision('highest' if dtype.endswith('-highest') else None)
+
+
 def _jax_setup(args, dtype: str, steps_per_epoch: int):
   config = default_config.get_config()
   config.update(width=args.width, labeled_batch_size=args.labeled_batch,
-                unlabeled_batch_size=args.unlabeled_batch, compute_dtype=dtype)
+                unlabeled_batch_size=args.unlabeled_batch, compute_dtype=dtype.split('-')[0])
   step_config = train_state.StepConfig.from_config(config, steps_per_epoch)
   model = trainer.build_model(config, num_classes=10)
   tx = train_state.make_optimizer(config, step_config)
@@ -128,7 +140,12 @@ def _time_calls(fn, state, num_calls: int, warmup_calls: int):
 
 def jax_step_row(args, dtype: str) -> Row:
   """`train_step` on one fixed device batch; a scan of all timed steps off the CPU."""
-  _, step_config, state = _jax_setup(args, dtype, CIFAR10_UNLABELED // args.unlabeled_batch)
+  with _matmul_precision(dtype):
+    return _jax_step_row(args, dtype)
+
+
+def _jax_step_row(args, dtype: str) -> Row:
+  _, step_config, state = _jax_setup(args, dtype, common.CIFAR10_UNLABELED // args.unlabeled_batch)
   rng = np.random.default_rng(1)
   images = lambda n: jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
   batch = {'labeled_student': images(args.labeled_batch), 'labeled_teacher': images(args.labeled_batch),
@@ -152,20 +169,21 @@ def jax_step_row(args, dtype: str) -> Row:
   num_calls = math.ceil(args.steps / steps_per_call)
   warmup_calls = math.ceil(args.warmup / steps_per_call)
   seconds = _time_calls(fn, state, num_calls, warmup_calls) / (num_calls * steps_per_call)
-  return Row(f'JAX step {dtype}', (args.labeled_batch + args.unlabeled_batch) / seconds, seconds,
-             note=f'compile + first call {compile_seconds:.0f} s')
+  return Row(f'JAX step {dtype.replace("-", " ")}', (args.labeled_batch + args.unlabeled_batch) / seconds, seconds,
+             dtype, note=f'compile + first call {compile_seconds:.0f} s')
 
 
-def synthetic_data(num_labeled: int, num_unlabeled: int) -> dict[str, np.ndarray]:
-  """Random uint8 CIFAR-size images and labels."""
-  rng = np.random.default_rng(2)
-  return {'labeled_images': rng.integers(0, 256, (num_labeled, 32, 32, 3), dtype=np.uint8),
-          'labeled_labels': rng.integers(0, 10, num_labeled).astype(np.int32),
-          'unlabeled_images': rng.integers(0, 256, (num_unlabeled, 32, 32, 3), dtype=np.uint8)}
+def jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: str = '') -> Row:
+  """One epoch of `trainer.run_steps` over on-device data, compiled beforehand.
+
+  With `profile_dir`, one more epoch runs under `jax.profiler.trace` and its
+  summary (`benchmarks.profile_summary`) is printed.
+  """
+  with _matmul_precision(dtype):
+    return _jax_epoch_row(args, dtype, data, profile_dir)
 
 
-def jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray]) -> Row:
-  """One epoch of `trainer.run_steps` over on-device data, compiled beforehand."""
+def _jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: str) -> Row:
   steps_per_epoch = len(data['unlabeled_images']) // args.unlabeled_batch
   _, step_config, state = _jax_setup(args, dtype, steps_per_epoch)
   mesh = trainer.make_mesh()
@@ -178,117 +196,64 @@ def jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray]) -> Row:
   data_key = jax.random.PRNGKey(1)
   steps_per_call = trainer.default_steps_per_call(steps_per_epoch)
   calls = [min(steps_per_call, steps_per_epoch - s) for s in range(0, steps_per_epoch, steps_per_call)]
-  for num_steps in sorted(set(calls)):  # Compiles every call shape outside the timing.
-    state, _ = run(state, device_data, data_key, num_steps=num_steps)
+  start = time.perf_counter()
+  compiled = {n: run.lower(state, device_data, data_key, num_steps=n).compile()
+              for n in sorted(set(calls))}  # Every call shape, outside the timing.
+  compile_seconds = time.perf_counter() - start
+
+  def epoch(state):
+    for num_steps in calls:
+      state, metrics = compiled[num_steps](state, device_data, data_key)
+      jax.device_get(metrics)  # As the trainer does after every call.
+    return state
+
+  state = epoch(state)  # Warm-up.
   jax.block_until_ready(state)
   start = time.perf_counter()
-  for num_steps in calls:
-    state, metrics = run(state, device_data, data_key, num_steps=num_steps)
-    jax.device_get(metrics)  # As the trainer does after every call.
-  jax.block_until_ready(state)
+  state = jax.block_until_ready(epoch(state))
   seconds = time.perf_counter() - start
+  if profile_dir:
+    os.makedirs(profile_dir, exist_ok=True)
+    with open(os.path.join(profile_dir, 'hlo.txt'), 'w') as f:
+      f.write(compiled[calls[0]].as_text())
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      jax.block_until_ready(epoch(state))
+    print(f'Profile of one JAX epoch, {dtype}, {steps_per_epoch} steps:\n'
+          + profile_summary.summarize(profile_dir, steps_per_epoch), file=sys.stderr, flush=True)
   images = steps_per_epoch * (args.labeled_batch + args.unlabeled_batch)
-  return Row(f'JAX epoch {dtype}', images / seconds, seconds / steps_per_epoch,
-             note=f'{steps_per_epoch} steps, epoch {seconds:.1f} s')
+  return Row(f'JAX epoch {dtype.replace("-", " ")}', images / seconds, seconds / steps_per_epoch,
+             dtype, note=f'{steps_per_epoch} steps, epoch {seconds:.1f} s, compile '
+             f'{compile_seconds:.0f} s')
 
 
 # --- PyTorch ------------------------------------------------------------------------------------
 
-def _torch_setup(args):
-  import torch  # pylint: disable=import-outside-toplevel
-  from benchmarks import torch_reference as ref  # pylint: disable=import-outside-toplevel
+def torch_rows(args, jax_backend: str) -> tuple[list[Row], str]:
+  """`benchmarks.torch_throughput` in a process of its own: its rows and a header fragment.
 
-  torch.set_num_threads(args.torch_threads)
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  torch.backends.cudnn.benchmark = True
-  torch.manual_seed(0)
-  student = ref.ConvLarge(width=args.width).to(device)
-  teacher = ref.ConvLarge(width=args.width).to(device)
-  init_images = torch.randn(args.labeled_batch, 3, 32, 32, device=device)
-  ref.data_dependent_init(student, init_images)
-  ref.data_dependent_init(teacher, init_images)
-  hparams = ref.HParams()
-  optimizer = ref.make_optimizer(student, hparams)
-  step = lambda batch: ref.train_step(student, teacher, optimizer, batch, 1, hparams)  # pylint: disable=unnecessary-lambda-assignment
-  return torch, device, step
-
-
-def _torch_sync(torch, device):
-  if device.type == 'cuda':
-    torch.cuda.synchronize()
-
-
-def torch_step_row(args) -> Row:
-  torch, device, step = _torch_setup(args)
-  images = lambda n: torch.randn(n, 3, 32, 32, device=device)  # pylint: disable=unnecessary-lambda-assignment
-  batch = {'student_labeled': images(args.labeled_batch), 'teacher_labeled': images(args.labeled_batch),
-           'labels': torch.randint(0, 10, (args.labeled_batch,), device=device),
-           'student_unlabeled': images(args.unlabeled_batch),
-           'teacher_unlabeled': images(args.unlabeled_batch)}
-  for _ in range(args.warmup):
-    step(batch)
-  _torch_sync(torch, device)
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    step(batch)  # Returns Python floats (`.item()`), so each step ends synchronised.
-  _torch_sync(torch, device)
-  seconds = (time.perf_counter() - start) / args.steps
-  return Row('PyTorch step float32', (args.labeled_batch + args.unlabeled_batch) / seconds, seconds)
-
-
-class TorchAugmenter:
-  """torchvision's RandomCrop(32, padding=2) + RandomHorizontalFlip + ToTensor + Normalize, per image."""
-
-  def __init__(self, torch, info: input_pipeline.DatasetInfo):
-    self.torch = torch
-    self.mean = torch.tensor(info.mean).view(3, 1, 1)
-    self.std = torch.tensor(info.std).view(3, 1, 1)
-    self.flip = info.random_flip
-
-  def __call__(self, image: np.ndarray):
-    torch = self.torch
-    x = torch.nn.functional.pad(torch.from_numpy(image).permute(2, 0, 1), (2, 2, 2, 2))
-    top, left = torch.randint(0, 5, (2,)).tolist()
-    x = x[:, top:top + 32, left:left + 32]
-    if self.flip and torch.rand(()) < 0.5:
-      x = x.flip(-1)
-    return (x.float().div_(255) - self.mean) / self.std
-
-
-def torch_epoch_row(args, data: dict[str, np.ndarray]) -> Row:
-  """One epoch: shuffled loaders, two augmented views of every image on the host, then the step."""
-  torch, device, step = _torch_setup(args)
-  augment = TorchAugmenter(torch, input_pipeline.DATASETS['cifar10'])
-  labeled, labels, unlabeled = (data['labeled_images'], data['labeled_labels'],
-                                data['unlabeled_images'])
-  steps_per_epoch = len(unlabeled) // args.unlabeled_batch
-  labeled_steps = len(labeled) // args.labeled_batch
-
-  def views(images, indices):
-    return [torch.stack([augment(images[i]) for i in indices]).to(device) for _ in range(2)]
-
-  def run_epoch(num_steps):
-    unlabeled_order = torch.randperm(len(unlabeled)).numpy()
-    for i in range(num_steps):
-      if i % labeled_steps == 0:  # The labelled loader restarts, reshuffled.
-        labeled_order = torch.randperm(len(labeled)).numpy()
-      li = labeled_order[(i % labeled_steps) * args.labeled_batch:][:args.labeled_batch]
-      ui = unlabeled_order[i * args.unlabeled_batch:(i + 1) * args.unlabeled_batch]
-      student_l, teacher_l = views(labeled, li)
-      student_u, teacher_u = views(unlabeled, ui)
-      step({'student_labeled': student_l, 'teacher_labeled': teacher_l,
-            'labels': torch.as_tensor(labels[li]).long().to(device),
-            'student_unlabeled': student_u, 'teacher_unlabeled': teacher_u})
-
-  run_epoch(min(args.warmup, steps_per_epoch))
-  _torch_sync(torch, device)
-  start = time.perf_counter()
-  run_epoch(steps_per_epoch)
-  _torch_sync(torch, device)
-  seconds = time.perf_counter() - start
-  images = steps_per_epoch * (args.labeled_batch + args.unlabeled_batch)
-  return Row('PyTorch epoch float32', images / seconds, seconds / steps_per_epoch,
-             note=f'{steps_per_epoch} steps, epoch {seconds:.1f} s')
+  Its progress lines go straight to this process's stderr. A child that fails
+  part-way still gives back the rows it finished.
+  """
+  kinds = [k for k in args.torch_rows.split(',') if k and (args.epoch or not k.startswith('epoch'))]
+  if not kinds:
+    return [], ''
+  device = 'cuda' if args.torch_device == 'auto' and jax_backend == 'gpu' else args.torch_device
+  forwarded = argparse.Namespace(**{**vars(args), 'torch_rows': ','.join(kinds), 'torch_device': device})
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'rows.json')
+    sys.stdout.flush()
+    sys.stderr.flush()
+    returncode = subprocess.call(
+        [sys.executable, '-m', 'benchmarks.torch_throughput', *common.forwarded_argv(forwarded),
+         '--json', path], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if returncode:
+      print(f'benchmarks.torch_throughput exited with code {returncode}', file=sys.stderr)
+    if not os.path.exists(path):
+      return [], ''
+    with open(path) as f:
+      report = json.load(f)
+  return ([Row(**row) for row in report['rows']],
+          f'PyTorch {report["torch_version"]} on {report["device"]} (CPU threads: {args.torch_threads})')
 
 
 # --- Report -------------------------------------------------------------------------------------
@@ -301,12 +266,16 @@ def _cpu_model() -> str:
     return platform.processor() or 'unknown'
 
 
-def print_table(rows: list[Row], args, device_kind: str, load: tuple[float, float]) -> None:
-  baseline = {kind: next((r for r in rows if r.name.startswith(f'PyTorch {kind}')), None)
-              for kind in ('step', 'epoch')}
+def _number(value: float | None, scale: float = 1.0) -> str:
+  return 'n/a' if value is None else f'{scale * value:.1f}'
+
+
+def print_table(rows: list[Row], args, header: str, load: tuple[float, float]) -> None:
+  """The table; `vs PyTorch` compares with the eager float32 PyTorch row of the same kind."""
+  baseline = {kind: next((r for r in rows if r.name == f'PyTorch {kind} float32'
+                          and r.images_per_second), None) for kind in ('step', 'epoch')}
   images_per_step = args.labeled_batch + args.unlabeled_batch
-  print(f'\n{datetime.date.today()}  {device_kind}  JAX {jax.__version__} ({jax.default_backend()})'
-        + ('' if args.skip_torch else f'  PyTorch {_torch_version()} (CPU threads: {args.torch_threads})'))
+  print(f'\n{header}')
   print(f'width {args.width}, batch {args.labeled_batch}+{args.unlabeled_batch}, '
         f'{args.steps} timed steps after {args.warmup} warm-up, '
         f'{step_flops(args.width, images_per_step) / 1e9:.0f} GFLOP/step (analytic), '
@@ -314,70 +283,64 @@ def print_table(rows: list[Row], args, device_kind: str, load: tuple[float, floa
   print(f'{"":24} {"images/s":>10} {"ms/step":>10} {"vs PyTorch":>11} {"MFU":>7}  note')
   for row in rows:
     base = baseline['step' if ' step ' in row.name else 'epoch']
-    ratio = f'{row.images_per_second / base.images_per_second:.2f}x' if base else 'n/a'
+    ratio = (f'{row.images_per_second / base.images_per_second:.2f}x'
+             if base and row.images_per_second else 'n/a')
     mfu = f'{100 * row.mfu:.1f}%' if row.mfu is not None else 'n/a'
-    print(f'{row.name:24} {row.images_per_second:10.1f} {1e3 * row.seconds_per_step:10.1f} '
-          f'{ratio:>11} {mfu:>7}  {row.note}')
-  images_per_epoch = CIFAR10_UNLABELED // 128 * images_per_step
-  print(f'\nProjected {REFERENCE_EPOCHS} CIFAR-10 epochs ({CIFAR10_UNLABELED // 128} steps each) '
-        'at these rates:')
+    print(f'{row.name:24} {_number(row.images_per_second):>10} '
+          f'{_number(row.seconds_per_step, 1e3):>10} {ratio:>11} {mfu:>7}  {row.note}')
+  images_per_epoch = common.CIFAR10_UNLABELED // 128 * images_per_step
+  print(f'\nProjected {REFERENCE_EPOCHS} CIFAR-10 epochs ({common.CIFAR10_UNLABELED // 128} steps '
+        'each) at these rates:')
   for row in rows:
-    hours = REFERENCE_EPOCHS * images_per_epoch / row.images_per_second / 3600
-    print(f'  {row.name:24} {hours:10.2f} h = {60 * hours:.0f} min')
-
-
-def _torch_version() -> str:
-  import torch  # pylint: disable=import-outside-toplevel
-  return torch.__version__
+    if row.images_per_second:
+      hours = REFERENCE_EPOCHS * images_per_epoch / row.images_per_second / 3600
+      print(f'  {row.name:24} {hours:10.2f} h = {60 * hours:.0f} min')
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--width', type=int, default=128)
-  parser.add_argument('--labeled_batch', type=int, default=32)
-  parser.add_argument('--unlabeled_batch', type=int, default=128)
-  parser.add_argument('--steps', type=int, default=20, help='timed steps per step row')
-  parser.add_argument('--warmup', type=int, default=2,
-                      help='untimed steps after compilation (rounded up to whole calls)')
+  common.add_arguments(parser)
   parser.add_argument('--dtypes', default='float32,bfloat16', help='JAX compute dtypes')
-  parser.add_argument('--skip_torch', action='store_true')
-  parser.add_argument('--torch_threads', type=int, default=os.cpu_count(),
-                      help='intra-op threads of PyTorch on the CPU (default: every core)')
-  parser.add_argument('--epoch', action='store_true', help='also time one end-to-end epoch')
+  parser.add_argument('--skip_torch', action='store_true', help='no PyTorch rows')
+  parser.add_argument('--epoch', action='store_true',
+                      help='also time one end-to-end epoch (without it, no epoch rows of PyTorch either)')
   parser.add_argument('--epoch_dtypes', default='float32', help='JAX compute dtypes of the epoch rows')
-  parser.add_argument('--epoch_images', type=int, default=CIFAR10_UNLABELED,
-                      help='unlabelled images in the synthetic epoch (46,000 = CIFAR-10)')
+  parser.add_argument('--profile', default='', metavar='DIR',
+                      help='trace the first epoch row into DIR and print where its time goes')
   return parser.parse_args(argv)
 
 
 def main(argv=None) -> list[Row]:
   args = parse_args(argv)
   load_before = os.getloadavg()[0]
+  backend = jax.default_backend()
   device_kind = jax.devices()[0].device_kind
-  if jax.default_backend() == 'cpu':
+  if backend == 'cpu':
     device_kind = f'CPU {_cpu_model()}, {os.cpu_count()} cores'
   measurements = [functools.partial(jax_step_row, args, d) for d in args.dtypes.split(',') if d]
-  if not args.skip_torch:
-    measurements.append(functools.partial(torch_step_row, args))
   if args.epoch:
-    data = synthetic_data(CIFAR10_LABELED, args.epoch_images)
-    measurements += [functools.partial(jax_epoch_row, args, d, data)
-                     for d in args.epoch_dtypes.split(',') if d]
-    if not args.skip_torch:
-      measurements.append(functools.partial(torch_epoch_row, args, data))
+    data = common.synthetic_data(common.CIFAR10_LABELED, args.epoch_images)
+    epoch_dtypes = [d for d in args.epoch_dtypes.split(',') if d]
+    measurements += [functools.partial(jax_epoch_row, args, d, data,
+                                       args.profile if i == 0 else '')
+                     for i, d in enumerate(epoch_dtypes)]
   rows = []
   for measure in measurements:
     rows.append(measure())
-    print(f'{rows[-1].name}: {1e3 * rows[-1].seconds_per_step:.1f} ms/step', file=sys.stderr,
-          flush=True)
-  if jax.default_backend() != 'cpu':
+    print(common.progress_line(rows[-1]), file=sys.stderr, flush=True)
+  header = f'{datetime.date.today()}  {device_kind}  JAX {jax.__version__} ({backend})'
+  if not args.skip_torch:
+    more_rows, torch_header = torch_rows(args, backend)
+    rows += more_rows
+    header += f'  {torch_header}' if torch_header else '  PyTorch rows missing'
+  rows.sort(key=lambda row: ' epoch ' in row.name)  # Step rows first; JAX before PyTorch in each.
+  if backend != 'cpu':
     flops = step_flops(args.width, args.labeled_batch + args.unlabeled_batch)
     for row in rows:
-      dtype = 'bfloat16' if 'bfloat16' in row.name else 'float32'
-      peak = peak_tflops(device_kind, dtype)
-      if peak:
+      peak = peak_tflops(device_kind, row.dtype)
+      if peak and row.seconds_per_step:
         row.mfu = flops / row.seconds_per_step / (peak * 1e12)
-  print_table(rows, args, device_kind, (load_before, os.getloadavg()[0]))
+  print_table(rows, args, header, (load_before, os.getloadavg()[0]))
   return rows
 
 

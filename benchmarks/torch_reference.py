@@ -14,6 +14,7 @@ Images are NCHW float tensors, already normalised. Typical use:
     features, logits = model(images_from_nhwc(x))
 """
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -77,7 +78,8 @@ class WeightNormMeanOnlyBN(nn.Module):
         self.running_mean.mul_(1.0 - self.momentum).add_(self.momentum * mean)
     else:
       mean = self.running_mean
-    return a - as_channels(mean) + as_channels(self.bias)
+    # In `a`'s dtype, so that activations stay bfloat16 under autocast (a no-op in float32).
+    return a - as_channels(mean).to(a.dtype) + as_channels(self.bias).to(a.dtype)
 
 
 class ConvLarge(nn.Module):
@@ -241,13 +243,18 @@ def update_teacher(student: nn.Module, teacher: nn.Module, decay: float) -> None
 
 
 def train_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
-               batch: Mapping, epoch: int, hparams: HParams) -> dict[str, float]:
+               batch: Mapping, epoch: int, hparams: HParams,
+               autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
   """One reference training step; returns the loss terms, their weights and the lr.
 
   `batch` holds NCHW images `student_labeled`, `teacher_labeled`,
   `student_unlabeled`, `teacher_unlabeled` (two augmented views of each image)
   and integer `labels`. Student and teacher each run the labelled and the
   unlabelled images as separate forward passes, both in train mode.
+  `autocast_dtype` (the benchmark's mixed-precision rows pass `torch.bfloat16`)
+  runs the forwards and losses under `torch.autocast`; None keeps float32.
+  The returned losses are read with `.item()`, so every step ends with a host
+  sync, as the reference's per-step logging does.
   """
   lr = linear_decay_lr(epoch, hparams.base_lr, hparams.decay_start, hparams.decay_end)
   for group in optimizer.param_groups:
@@ -255,23 +262,26 @@ def train_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Op
   student.train()
   teacher.train()
 
-  fl, zl = student(torch.as_tensor(batch['student_labeled']))
-  fu, zu = student(torch.as_tensor(batch['student_unlabeled']))
-  with torch.no_grad():
-    _, tl = teacher(torch.as_tensor(batch['teacher_labeled']))
-    _, tu = teacher(torch.as_tensor(batch['teacher_unlabeled']))
+  autocast = (contextlib.nullcontext() if autocast_dtype is None else
+              torch.autocast(next(student.parameters()).device.type, dtype=autocast_dtype))
+  with autocast:
+    fl, zl = student(torch.as_tensor(batch['student_labeled']))
+    fu, zu = student(torch.as_tensor(batch['student_unlabeled']))
+    with torch.no_grad():
+      _, tl = teacher(torch.as_tensor(batch['teacher_labeled']))
+      _, tu = teacher(torch.as_tensor(batch['teacher_unlabeled']))
 
-  ce = classification_loss(zl, torch.as_tensor(batch['labels']).long())
-  cons = consistency_loss(zl, zu, tl, tu)
-  cons_w = hparams.cons_weight * sigmoid_rampup(epoch, hparams.cons_rampup)
-  loss = ce + cons_w * cons
-  lc = torch.zeros(())
-  lc_w = 0.0
-  if hparams.lc_start is not None:
-    lc = local_clustering_loss(fl, fu, hparams.lc_threshold)
-    if epoch >= hparams.lc_start:
-      lc_w = hparams.lc_weight * sigmoid_rampup(epoch - hparams.lc_start, hparams.lc_rampup)
-    loss = loss + lc_w * lc
+    ce = classification_loss(zl, torch.as_tensor(batch['labels']).long())
+    cons = consistency_loss(zl, zu, tl, tu)
+    cons_w = hparams.cons_weight * sigmoid_rampup(epoch, hparams.cons_rampup)
+    loss = ce + cons_w * cons
+    lc = torch.zeros(())
+    lc_w = 0.0
+    if hparams.lc_start is not None:
+      lc = local_clustering_loss(fl, fu, hparams.lc_threshold)
+      if epoch >= hparams.lc_start:
+        lc_w = hparams.lc_weight * sigmoid_rampup(epoch - hparams.lc_start, hparams.lc_rampup)
+      loss = loss + lc_w * lc
 
   optimizer.zero_grad(set_to_none=True)
   loss.backward()

@@ -44,7 +44,8 @@ class WeightNormMeanOnlyBN(nn.Module):
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (self.features,))
 
     fan_in_axes = tuple(range(v.ndim - 1))
-    w = v * (g / jnp.sqrt(jnp.sum(v**2, axis=fan_in_axes) + _EPS))
+    with jax.named_scope('weight_norm'):  # Labels the profile (benchmarks/profile_summary.py).
+      w = v * (g / jnp.sqrt(jnp.sum(v**2, axis=fan_in_axes) + _EPS))
     a = self._project(x.astype(self.dtype), w.astype(self.dtype))
     stat_axes = tuple(range(a.ndim - 1))
     batch_mean = jnp.mean(a, axis=stat_axes, dtype=jnp.float32)

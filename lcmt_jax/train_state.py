@@ -184,9 +184,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
 
   # The teacher is a target: its outputs carry no gradient (the student's
   # parameters never enter its computation), but its running means move.
-  (teacher_logits_l, _), teacher_u, teacher_batch_stats = _forward_train(
-      state.apply_fn, state.teacher_params, state.teacher_batch_stats,
-      batch['labeled_teacher'], unlabeled_teacher, teacher_key, cfg.joint_forward)
+  # Named scopes label the parts of a step in profiles (benchmarks/profile_summary.py).
+  with jax.named_scope('teacher_forward'):
+    (teacher_logits_l, _), teacher_u, teacher_batch_stats = _forward_train(
+        state.apply_fn, state.teacher_params, state.teacher_batch_stats,
+        batch['labeled_teacher'], unlabeled_teacher, teacher_key, cfg.joint_forward)
   consistency_weight, lc_weight = loss_weights(state.step, cfg)
 
   def loss_fn(params):
@@ -199,18 +201,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
       terms['consistency_loss'] = losses.consistency_loss(
           logits_l, teacher_logits_l, logits_u, teacher_logits_u)
     if cfg.lc_weight:
-      terms['lc_loss'] = losses.local_clustering_loss(feats_l, feats_u, cfg.lc_threshold)
+      with jax.named_scope('local_clustering'):
+        terms['lc_loss'] = losses.local_clustering_loss(feats_l, feats_u, cfg.lc_threshold)
     total = (terms['ce_loss'] + consistency_weight * terms.get('consistency_loss', 0.0)
              + lc_weight * terms.get('lc_loss', 0.0))
     return total, (terms, logits_l, feats_l, student_u, batch_stats)
 
   learning_rate = cfg.learning_rate(state.step)
-  (loss, (terms, logits_l, feats_l, student_u, batch_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  state = state.replace(
-      teacher_params=update_teacher(state.teacher_params, state.params, cfg.ema_decay),
-      teacher_batch_stats=teacher_batch_stats)
+  with jax.named_scope('student'):
+    (loss, (terms, logits_l, feats_l, student_u, batch_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+  with jax.named_scope('optimizer'):
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  with jax.named_scope('ema_update'):
+    state = state.replace(
+        teacher_params=update_teacher(state.teacher_params, state.params, cfg.ema_decay),
+        teacher_batch_stats=teacher_batch_stats)
 
   metrics = {
       **terms,
@@ -225,8 +231,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   }
   if cfg.lc_weight:
     feats_u = student_u[1]
-    metrics['lc_within_lu'] = losses.fraction_within_threshold(feats_l, feats_u, cfg.lc_threshold)
-    metrics['lc_within_uu'] = losses.fraction_within_threshold(feats_u, feats_u, cfg.lc_threshold)
+    with jax.named_scope('local_clustering'):
+      metrics['lc_within_lu'] = losses.fraction_within_threshold(feats_l, feats_u, cfg.lc_threshold)
+      metrics['lc_within_uu'] = losses.fraction_within_threshold(feats_u, feats_u,
+                                                                 cfg.lc_threshold)
   return state, metrics
 
 
