@@ -281,8 +281,7 @@ def _decode_all(paths: list[str], image_size: int) -> np.ndarray:
   """Decodes in threads (Pillow releases the GIL while decoding); the first bad file fails."""
   images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
   with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-    for i, array in enumerate(pool.map(lambda p: _decode_image(p, image_size), paths,
-                                       chunksize=256)):
+    for i, array in enumerate(pool.map(lambda p: _decode_image(p, image_size), paths)):
       images[i] = array
   return images
 

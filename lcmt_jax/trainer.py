@@ -84,8 +84,9 @@ def run_steps(state: train_state.TrainState, data: dict[str, jax.Array], data_ke
   with jax.named_scope('sample_batch'):
     epoch_steps = input_pipeline.steps_per_epoch(data['unlabeled_images'].shape[0],
                                                  unlabeled_batch_size)
+    # Steps s .. s + num_steps - 1 reach at most this many epochs (one for a single step).
     orders = input_pipeline.shuffles(
-        data_key, state.step // epoch_steps, (num_steps - 1) // epoch_steps + 2,
+        data_key, state.step // epoch_steps, (num_steps + epoch_steps - 2) // epoch_steps + 1,
         data['labeled_images'].shape[0], data['unlabeled_images'].shape[0], labeled_batch_size,
         unlabeled_batch_size)
 
