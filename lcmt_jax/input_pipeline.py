@@ -73,15 +73,6 @@ class SplitData:
   test_labels: np.ndarray
 
 
-def get_info(name: str) -> DatasetInfo:
-  """Returns the `DatasetInfo` of a built-in data set, or says which names exist."""
-  if name not in DATASETS:
-    raise DataRequestError(
-        f'Unknown data set {name!r}: set config.dataset to one of {sorted(DATASETS)}.'
-    )
-  return DATASETS[name]
-
-
 def dataset_info(config: Any, data: data_sources.TrainTest) -> DatasetInfo:
   """The run's `DatasetInfo`: the reference's constants, overridden by the config's keys.
 
