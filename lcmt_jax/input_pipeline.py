@@ -21,7 +21,7 @@ _CROP_PADDING = 2
 
 
 class DataRequestError(errors.UserInputError, ValueError):
-  """An unknown data set, or a split or batch larger than the data allows."""
+  """A split or batch larger than the data allows."""
 
 
 @dataclasses.dataclass(frozen=True)
