@@ -1,18 +1,94 @@
 """Every knob of a run, at the reference's CIFAR-10 MT+LC values (REFERENCE.md).
 
-Other configs import this and change only what differs. `get_config` takes
-the big_vision-style argument of `--config=configs/X.py:VARIANT`:
-'faithful' (default) reproduces every quirk of the reference; 'improved'
-switches each quirk listed in REFERENCE.md "Quirks" to its fix.
+Other configs import this and change only what differs. Config files take
+the big_vision-style argument of `--config=configs/X.py:ARG`, comma-separated
+(`parse_arguments`):
+- 'faithful' (default) reproduces every quirk of the reference; 'improved'
+  switches each quirk listed in REFERENCE.md "Quirks" to its fix;
+- 'labels=N': one of the paper's label counts for the data set (CIFAR-10
+  4000 or 2000, SVHN 1000 or 500), with the threshold the reference gives it;
+- 'epochs=N': the whole schedule compressed (or stretched) in proportion
+  (`scale_schedule`).
 """
+
+from typing import NamedTuple
 
 import ml_collections
 from ml_collections import config_dict
 
 VARIANTS = ('faithful', 'improved')
+# Keys counted in epochs that scale with the length of the run.
+SCHEDULE_KEYS = ('consistency_rampup', 'lc_start', 'lc_rampup', 'decay_start', 'decay_end')
+INTERVAL_KEYS = ('eval_every_epochs', 'checkpoint_every_epochs')
+CIFAR10_LABELS = (4000, 2000)  # The paper's two CIFAR-10 settings; the first is the default.
 
 
-def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+class Arguments(NamedTuple):
+  variant: str
+  labels: int | None  # None: the config file's own label count.
+  epochs: int | None  # None: the config file's own schedule.
+
+
+def parse_arguments(arg: str | None, label_counts: tuple[int, ...] = ()) -> Arguments:
+  """Parses 'improved,labels=2000,epochs=80'; `label_counts` are those the config file offers."""
+  parsed = {'variant': 'faithful', 'labels': None, 'epochs': None}
+  for token in filter(None, (arg or '').split(',')):
+    name, equals, value = token.partition('=')
+    if not equals:
+      if token not in VARIANTS:
+        raise ValueError(f'unknown config argument {token!r}: use one of {VARIANTS}, '
+                         'labels=N or epochs=N, separated by commas')
+      parsed['variant'] = token
+    elif name in ('labels', 'epochs') and value.isdigit() and int(value) > 0:
+      parsed[name] = int(value)
+    else:
+      raise ValueError(f'bad config argument {token!r}: use labels=N or epochs=N with a '
+                       'positive integer N')
+  if parsed['labels'] is not None and parsed['labels'] not in label_counts:
+    raise ValueError(f'labels={parsed["labels"]} is not offered by this config (offered: '
+                     f'{label_counts or "none"}); set --config.labeled_per_class for other counts')
+  return Arguments(**parsed)
+
+
+def scale_schedule(config: ml_collections.ConfigDict, epochs: int | None) -> ml_collections.ConfigDict:
+  """Shortens (or stretches) the whole schedule to `epochs`, every part in proportion.
+
+  Ramps, the LC start and the learning-rate decay keep their fractions of the
+  run; evaluation and checkpoint intervals scale too (at least every epoch).
+  A schedule other than the config's own moves its ramps per step, since
+  its 5-epoch consistency ramp would otherwise be a single jump once it is
+  shorter than a few epochs; `--config.schedule_granularity=epoch` after the
+  argument restores the reference's per-epoch steps.
+  """
+  if epochs is None or epochs == config.num_epochs:
+    return config
+  # Multiplying first keeps decay_end == num_epochs exact.
+  for key in SCHEDULE_KEYS:
+    config[key] = config[key] * epochs / config.num_epochs
+  for key in INTERVAL_KEYS:
+    config[key] = max(1, round(config[key] * epochs / config.num_epochs))
+  config.num_epochs = epochs
+  config.schedule_granularity = 'step'
+  return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """CIFAR-10, 4,000 labels (or `labels=2000`), MT+LC: the reference's main run."""
+  args = parse_arguments(arg, CIFAR10_LABELS)
+  return scale_schedule(cifar10_config(args), args.epochs)
+
+
+def cifar10_config(args: Arguments) -> ml_collections.ConfigDict:
+  """The CIFAR-10 MT+LC run at `args`' variant and label count, before any schedule scaling."""
+  config = base_config(args.variant)
+  if args.labels == 2000:
+    config.labeled_per_class = 200  # 4% of each class.
+    config.lc_threshold = 40.0  # The reference's value for 2,000 labels.
+  return config
+
+
+def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
+  """Every key at the reference's CIFAR-10 MT+LC value, with `variant`'s quirk switches."""
   config = ml_collections.ConfigDict()
 
   # Data (REFERENCE.md "Data"; README "Data" lists each source's folder layout).
@@ -40,20 +116,20 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # Method and losses (REFERENCE.md "Losses").
   config.method = 'mt_lc'  # 'mt_lc' | 'mt' (Mean Teacher only) | 'supervised' (labelled data only).
   config.consistency_weight = 100.0
-  config.consistency_rampup = 5  # Epochs.
+  config.consistency_rampup = 5.0  # Epochs.
   config.ema_decay = 0.99
   config.lc_weight = 10.0
-  config.lc_start = 600  # First epoch with the LC term (its ramp is 0 there).
-  config.lc_rampup = 100
-  config.lc_threshold = 50.0  # 40 for 2,000 labels.
+  config.lc_start = 600.0  # First epoch with the LC term (its ramp is 0 there).
+  config.lc_rampup = 100.0
+  config.lc_threshold = 50.0  # 40 for 2,000 labels (`labels=2000`).
 
   # Optimiser (REFERENCE.md "Optimiser and schedule").
   config.learning_rate = 0.05
   config.momentum = 0.9
   config.nesterov = True
   config.weight_decay = 1e-4
-  config.decay_start = 800  # Epoch where the linear decay begins.
-  config.decay_end = 1000  # Epoch where the learning rate reaches 0.
+  config.decay_start = 800.0  # Epoch where the linear decay begins.
+  config.decay_end = 1000.0  # Epoch where the learning rate reaches 0.
   config.num_epochs = 1000  # The reference trains until decay_end.
 
   # Quirks of the reference (REFERENCE.md "Quirks"), at their faithful values.
@@ -74,11 +150,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   return apply_variant(config, variant)
 
 
-def apply_variant(config: ml_collections.ConfigDict, variant: str | None) -> ml_collections.ConfigDict:
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """Sets the quirk switches for `variant` ('faithful' keeps the reference's behaviour)."""
-  variant = variant or 'faithful'
-  if variant not in VARIANTS:
-    raise ValueError(f'unknown config variant {variant!r}; use one of {VARIANTS}')
   if variant == 'improved':
     config.selection = 'validation'
     config.validation_per_class = 500

@@ -9,8 +9,9 @@ mechanism is the same.
 from configs import default
 
 
-def get_config(variant=None):
-  config = default.get_config(variant)
+def get_config(arg=None):
+  args = default.parse_arguments(arg)
+  config = default.base_config(args.variant)
   config.dataset = 'digits'
   config.labeled_per_class = 10  # 100 labels.
   if config.validation_per_class:
@@ -23,16 +24,16 @@ def get_config(variant=None):
   config.learning_rate = 0.02
   config.labeled_batch_size = 32
   config.unlabeled_batch_size = 64
-  config.consistency_rampup = 5
-  config.lc_start = 10
-  config.lc_rampup = 5
+  config.consistency_rampup = 5.0
+  config.lc_start = 10.0
+  config.lc_rampup = 5.0
   # The narrow net's feature distances are a few units: at the reference's
   # threshold of 50 every pair is inside it and the features collapse.
   config.lc_weight = 1.0
   config.lc_threshold = 2.0
-  config.decay_start = 20
-  config.decay_end = 30
+  config.decay_start = 20.0
+  config.decay_end = 30.0
   config.num_epochs = 30
   config.eval_every_epochs = 5
   config.checkpoint_every_epochs = 5
-  return config
+  return default.scale_schedule(config, args.epochs)

@@ -70,18 +70,18 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'compute_dtype': _one_of('float32', 'bfloat16'),
     'method': _one_of(*train_state.METHODS),
     'consistency_weight': _number_in(0.0, _INF),
-    'consistency_rampup': _int_at_least(0),
+    'consistency_rampup': _number_in(0.0, _INF, high_open=True),
     'ema_decay': _number_in(0.0, 1.0),
     'lc_weight': _number_in(0.0, _INF),
-    'lc_start': _int_at_least(0),
-    'lc_rampup': _int_at_least(0),
+    'lc_start': _number_in(0.0, _INF, high_open=True),
+    'lc_rampup': _number_in(0.0, _INF, high_open=True),
     'lc_threshold': _number_in(0.0, _INF, low_open=True, high_open=True),
     'learning_rate': _number_in(0.0, _INF, low_open=True, high_open=True),
     'momentum': _number_in(0.0, 1.0, high_open=True),
     'nesterov': _BOOL,
     'weight_decay': _number_in(0.0, _INF, high_open=True),
-    'decay_start': _int_at_least(1),
-    'decay_end': _int_at_least(1),
+    'decay_start': _number_in(0.0, _INF, high_open=True),
+    'decay_end': _number_in(0.0, _INF, high_open=True),
     'num_epochs': _int_at_least(1),
     'selection': _one_of('test', 'validation'),
     'schedule_granularity': _one_of(*schedules.GRANULARITIES),
@@ -109,8 +109,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not check(config[key]):
       raise ConfigError(f'config.{key}={config[key]!r} is invalid: it must be {allowed}')
   if config.decay_end < config.decay_start:
-    raise ConfigError(f'config.decay_end={config.decay_end} is before config.decay_start='
-                      f'{config.decay_start}: the learning rate decays from decay_start to decay_end')
+    raise ConfigError(f'config.decay_end={config.decay_end:g} is before config.decay_start='
+                      f'{config.decay_start:g}: the learning rate decays from decay_start to decay_end')
+  if config.num_epochs > config.decay_end:
+    raise ConfigError(f'config.num_epochs={config.num_epochs} goes past config.decay_end='
+                      f'{config.decay_end:g}, where the learning rate has reached 0: set '
+                      f'config.decay_end >= num_epochs, or train fewer epochs')
   if config.selection == 'validation' and config.validation_per_class == 0:
     raise ConfigError('config.selection=validation needs a validation split: set '
                       'config.validation_per_class > 0, or use config.selection=test')

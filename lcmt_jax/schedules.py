@@ -36,13 +36,16 @@ def sigmoid_rampup(t: jax.Array, length: float) -> jax.Array:
   return jnp.where(t >= length, 1.0, jnp.where(t <= 0, 0.0, jnp.exp(-5.0 * phase**2)))
 
 
-def linear_decay_lr(epoch: jax.Array, base_lr: float, decay_start: int, decay_end: int) -> jax.Array:
+def linear_decay_lr(epoch: jax.Array, base_lr: float, decay_start: float,
+                    decay_end: float) -> jax.Array:
   """`base_lr` before `decay_start`, then `base_lr * (decay_end - epoch) / (decay_end - decay_start)`.
 
-  It reaches 0 at `decay_end`, the last epoch trained, as in the reference.
+  It reaches 0 at `decay_end`, the last epoch trained, as in the reference,
+  and stays there: with per-step schedules the last epoch runs from
+  `decay_end` to `decay_end + 1`, where the formula would turn negative.
   """
   epoch = jnp.asarray(epoch, jnp.float32)
   if decay_end <= decay_start:
     return jnp.full_like(epoch, base_lr)
   decayed = base_lr * (decay_end - epoch) / (decay_end - decay_start)
-  return jnp.where(epoch < decay_start, base_lr, decayed)
+  return jnp.where(epoch < decay_start, base_lr, jnp.maximum(decayed, 0.0))

@@ -45,13 +45,13 @@ class StepConfig:
   steps_per_epoch: int
   schedule_granularity: str
   base_learning_rate: float
-  decay_start: int
-  decay_end: int
+  decay_start: float
+  decay_end: float
   consistency_weight: float
   consistency_rampup: float
   lc_weight: float  # 0 turns local clustering off (Mean Teacher only).
-  lc_start: int
-  lc_rampup: int
+  lc_start: float
+  lc_rampup: float
   lc_threshold: float
   ema_decay: float
   joint_forward: bool
@@ -64,13 +64,13 @@ class StepConfig:
         steps_per_epoch=steps_per_epoch,
         schedule_granularity=config.schedule_granularity,
         base_learning_rate=float(config.learning_rate),
-        decay_start=int(config.decay_start),
-        decay_end=int(config.decay_end),
+        decay_start=float(config.decay_start),
+        decay_end=float(config.decay_end),
         consistency_weight=float(config.consistency_weight) if semi_supervised else 0.0,
         consistency_rampup=float(config.consistency_rampup),
         lc_weight=float(config.lc_weight) if config.method == 'mt_lc' else 0.0,
-        lc_start=int(config.lc_start),
-        lc_rampup=int(config.lc_rampup),
+        lc_start=float(config.lc_start),
+        lc_rampup=float(config.lc_rampup),
         lc_threshold=float(config.lc_threshold),
         ema_decay=float(config.ema_decay),
         joint_forward=bool(config.joint_forward),
@@ -244,12 +244,12 @@ def update_teacher(teacher_params: Any, student_params: Any, decay: float) -> An
 
 
 def eval_step(state: TrainState, images: jax.Array) -> dict[str, jax.Array]:
-  """Eval-mode (running means, no dropout) logits of student and teacher, and teacher features."""
-  student_logits, _, _ = models.apply_with_features(
+  """Eval-mode (running means, no dropout) logits and features of student and teacher."""
+  student_logits, student_features, _ = models.apply_with_features(
       state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats}, images,
       train=False)
   teacher_logits, teacher_features, _ = models.apply_with_features(
       state.apply_fn, {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats},
       images, train=False)
   return {'student_logits': student_logits, 'teacher_logits': teacher_logits,
-          'teacher_features': teacher_features}
+          'student_features': student_features, 'teacher_features': teacher_features}

@@ -1,13 +1,17 @@
-"""lcmt_jax.schedules against REFERENCE.md's formulas written in plain Python."""
+"""lcmt_jax.schedules and the per-step learning rate against REFERENCE.md's formulas in plain Python."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from configs import quickstart
+from lcmt_jax import configuration
 from lcmt_jax import schedules
+from lcmt_jax import train_state
 
 
 def _ramp(t, length):
@@ -101,3 +105,86 @@ def test_schedule_epoch_works_under_jit():
 def test_schedule_epoch_rejects_unknown_granularity():
   with pytest.raises(ValueError, match='granularity'):
     schedules.schedule_epoch(0, 10, 'batch')
+
+
+# --- The learning rate of every step (train_state.StepConfig, the optax schedule) ---------------
+
+SPE, DECAY_START, DECAY_END, NUM_EPOCHS, BASE_LR = 7, 3, 6, 6, 0.05
+STEPS = np.arange(NUM_EPOCHS * SPE)  # Every step of the run.
+
+
+def _hand_lr(step, granularity):
+  """REFERENCE.md's lr at a 0-based step, by hand: a straight line through (3, 0.05) and (6, 0).
+
+  The epoch counts from 1; 'epoch' moves it once per epoch (the reference), 'step' by
+  1/7 each step. Before epoch 3 the line is held at 0.05; past epoch 6 (the last
+  epoch's inside steps, with 'step') at 0: a learning rate is never negative.
+  """
+  epoch = step // SPE + 1 if granularity == 'epoch' else 1 + step / SPE
+  return float(np.interp(epoch, [DECAY_START, DECAY_END], [BASE_LR, 0.0]))
+
+
+def _lr_config(granularity):
+  """A complete, valid run of 6 epochs whose decay runs from epoch 3 to 6; plain SGD."""
+  config = quickstart.get_config()
+  config.update(schedule_granularity=granularity, learning_rate=BASE_LR,
+                decay_start=float(DECAY_START), decay_end=float(DECAY_END),
+                num_epochs=NUM_EPOCHS, weight_decay=0.0, momentum=0.0, nesterov=False)
+  configuration.validate(config)
+  return config
+
+
+def test_hand_lr_table():
+  """The oracle itself, at the steps that matter, written out."""
+  assert [_hand_lr(s, 'epoch') for s in (0, 13, 14, 20, 21, 27, 28, 34, 35, 41)] == pytest.approx(
+      [0.05, 0.05, 0.05, 0.05, 0.05 * 2 / 3, 0.05 * 2 / 3, 0.05 / 3, 0.05 / 3, 0.0, 0.0])
+  assert [_hand_lr(s, 'step') for s in (13, 14, 15, 28, 34, 35, 36, 41)] == pytest.approx(
+      [0.05, 0.05, 0.05 * (1 - 1 / 21), 0.05 / 3, 0.05 * 1 / 21, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize('granularity', ['epoch', 'step'])
+def test_learning_rate_at_every_step_matches_hand_computation(granularity):
+  step_config = train_state.StepConfig.from_config(_lr_config(granularity), SPE)
+  got = np.asarray(jax.jit(jax.vmap(step_config.learning_rate))(jnp.asarray(STEPS)))
+  expected = [_hand_lr(s, granularity) for s in STEPS]
+  assert np.all(got >= 0.0), (
+      f'negative learning rate at steps {STEPS[got < 0].tolist()} ({granularity}): '
+      f'{got[got < 0].tolist()}')
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-8)
+  last_epoch = STEPS >= (NUM_EPOCHS - 1) * SPE
+  np.testing.assert_allclose(got[last_epoch], 0.0, atol=1e-8)  # Epoch decay_end trains at lr 0.
+  # Constant through epoch 2, and at the first step of the decay's first epoch.
+  np.testing.assert_allclose(got[:2 * SPE + 1], BASE_LR, rtol=1e-6)
+
+
+@pytest.mark.parametrize('granularity', ['epoch', 'step'])
+def test_optimizer_applies_the_learning_rate_of_each_step(granularity):
+  """SGD without momentum or decay moves a parameter by exactly -lr(step) * grad at each step."""
+  config = _lr_config(granularity)
+  step_config = train_state.StepConfig.from_config(config, SPE)
+  tx = train_state.make_optimizer(config, step_config)
+  params = {'v': jnp.zeros(())}
+
+  def one_step(carry, _):
+    params, opt_state = carry
+    updates, opt_state = tx.update({'v': jnp.ones(())}, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), -updates['v']
+
+  _, applied = jax.jit(lambda: jax.lax.scan(one_step, (params, tx.init(params)), None,
+                                            length=len(STEPS)))()
+  np.testing.assert_allclose(np.asarray(applied), [_hand_lr(s, granularity) for s in STEPS],
+                             rtol=1e-5, atol=1e-8)
+
+
+def test_validate_rejects_training_past_decay_end():
+  config = quickstart.get_config()
+  configuration.validate(config)  # num_epochs == decay_end: the reference's own stop.
+  config.num_epochs = int(config.decay_end) + 1
+  with pytest.raises(configuration.ConfigError) as error:
+    configuration.validate(config)
+  message = str(error.value)
+  assert '\n' not in message
+  assert f'num_epochs={config.num_epochs}' in message and 'decay_end' in message, message
+  config.num_epochs, config.decay_end = 6, 6.0  # At the edge: allowed.
+  config.decay_start = 3.0
+  configuration.validate(config)
