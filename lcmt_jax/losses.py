@@ -77,3 +77,19 @@ def local_clustering_loss(labeled_features: jax.Array, unlabeled_features: jax.A
 def fraction_within_threshold(a: jax.Array, b: jax.Array, threshold: float) -> jax.Array:
   """Fraction of pairs `(a_i, b_j)` that the clustering loss acts on, a training diagnostic."""
   return jnp.mean(within_threshold(pairwise_mean_squared_distances(a, b), threshold))
+
+
+DISTANCE_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def distance_quantiles(features: jax.Array, max_rows: int = 1000) -> jax.Array:
+  """`DISTANCE_QUANTILES` of `d` over the distinct pairs of (at most `max_rows`) feature rows.
+
+  The scale the threshold `T` is compared with: a `T` above most distances
+  puts every pair inside it. Rows are taken at an even stride, so a split
+  stored class by class still contributes every class.
+  """
+  features = features[::max(1, -(-features.shape[0] // max_rows))]
+  d = pairwise_mean_squared_distances(features, features)
+  upper = jnp.triu_indices(features.shape[0], k=1)
+  return jnp.quantile(d[upper], jnp.asarray(DISTANCE_QUANTILES))

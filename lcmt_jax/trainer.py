@@ -31,6 +31,7 @@ from lcmt_jax import configuration
 from lcmt_jax import distributed
 from lcmt_jax import errors
 from lcmt_jax import input_pipeline
+from lcmt_jax import losses
 from lcmt_jax import metrics_log
 from lcmt_jax import models
 from lcmt_jax import train_state
@@ -115,7 +116,7 @@ def default_steps_per_call(steps_per_epoch: int) -> int:
 
 def predict(state: train_state.TrainState, images: jax.Array, *, batch_size: int,
             info: input_pipeline.DatasetInfo, batch_sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Eval-mode class predictions of student and teacher and the teacher's features."""
+  """Eval-mode class predictions and features of student and teacher."""
   n = images.shape[0]
   padded = -n % batch_size
   images = jnp.pad(images, ((0, padded), (0, 0), (0, 0), (0, 0)))
@@ -126,6 +127,7 @@ def predict(state: train_state.TrainState, images: jax.Array, *, batch_size: int
     out = train_state.eval_step(state, input_pipeline.normalize(batch, info.mean, info.std))
     return {'student': jnp.argmax(out['student_logits'], -1),
             'teacher': jnp.argmax(out['teacher_logits'], -1),
+            'student_features': out['student_features'],
             'teacher_features': out['teacher_features']}
 
   outputs = jax.lax.map(one_batch, batches)
@@ -362,18 +364,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _evaluate(predict_fn, state, data, split) -> dict[str, float]:
-  """Student and teacher accuracy on the test set and, when there is one, the validation set."""
+  """Student and teacher accuracy on the test set and, when there is one, the validation set.
+
+  Also the quantiles of the student's pairwise feature distances (eval mode)
+  on the validation set, or on the test set where there is none: the scale
+  that the local-clustering threshold is set against.
+  """
   result = {}
   for name in ('test', 'validation'):
     labels = getattr(split, f'{name}_labels')
     if len(labels):
-      for key, value in accuracies(predict_fn(state, data[f'{name}_images']), labels).items():
+      predictions = predict_fn(state, data[f'{name}_images'])
+      for key, value in accuracies(predictions, labels).items():
         result[f'{name}/{key}'] = value
-  return result
+      quantiles = jax.device_get(_distance_quantiles(predictions['student_features']))
+      distances = {f'{name}/student_distance_q{round(100 * q):02d}': float(value)
+                   for q, value in zip(losses.DISTANCE_QUANTILES, quantiles)}
+  return {**result, **distances}  # The validation set's, when there is one.
+
+
+_distance_quantiles = jax.jit(losses.distance_quantiles)
 
 
 def _format_eval(epoch: int, evaluation: dict[str, float]) -> str:
-  parts = [f'{k.replace("_accuracy", "")} error {100 * (1 - v):.2f}%' for k, v in evaluation.items()]
+  parts = [f'{k.replace("_accuracy", "")} error {100 * (1 - v):.2f}%'
+           for k, v in evaluation.items() if k.endswith('_accuracy')]
+  parts += [f'{k.replace("_q50", "")} median {v:.3g}' for k, v in evaluation.items()
+            if k.endswith('distance_q50')]
   return f'epoch {epoch}: ' + ', '.join(parts)
 
 
@@ -384,5 +401,6 @@ def _summary(config: ml_collections.ConfigDict, loop: dict) -> dict[str, Any]:
              'selection': config.selection, 'train_seconds': loop['train_seconds']}
   for prefix, evaluation in (('final', last), ('best', best)):
     for key, value in evaluation.items():
-      summary[f'{prefix}/{key.replace("_accuracy", "_error")}'] = 1.0 - value
+      if key.endswith('_accuracy'):
+        summary[f'{prefix}/{key.replace("_accuracy", "_error")}'] = 1.0 - value
   return summary

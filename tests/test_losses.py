@@ -169,3 +169,16 @@ def test_no_gradient_reaches_teacher_logits():
   np.testing.assert_array_equal(grads[1], 0.0)
   np.testing.assert_array_equal(grads[3], 0.0)
   np.testing.assert_array_equal(jax.jit(jax.grad(losses.softmax_mse_loss, argnums=1))(zl, tl), 0.0)
+
+
+@pytest.mark.parametrize('rows, max_rows', [(40, 1000), (45, 10)])
+def test_distance_quantiles_match_numpy_over_distinct_pairs(rows, max_rows):
+  """Quantiles of `d_ij` over the pairs i < j of an evenly strided subset of rows."""
+  features = np.random.default_rng(3).normal(size=(rows, 6)).astype(np.float32)
+  stride = -(-rows // max_rows)
+  subset = features[::stride].astype(np.float64)
+  pairs = [np.mean((subset[i] - subset[j]) ** 2)
+           for i in range(len(subset)) for j in range(i + 1, len(subset))]
+  expected = np.quantile(pairs, losses.DISTANCE_QUANTILES)
+  got = losses.distance_quantiles(jnp.asarray(features), max_rows=max_rows)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)

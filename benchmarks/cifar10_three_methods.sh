@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Full-width ConvLarge on CIFAR-10 image folders: MT+LC, Mean Teacher and the supervised
+# baseline, one after the other, on the reference's schedule compressed to EPOCHS epochs
+# (`configs/cifar10.py:epochs=N`), seed 0, batches of 32 + 128 (RESULTS.md, "one GPU"):
+#
+#   bash benchmarks/cifar10_three_methods.sh DATA OUT_DIR
+#
+# DATA is a folder with train/ and test/ class folders, or a .tgz holding them
+# (../shared/data/cifar10-jpeg.tgz), unpacked to a temporary folder first. OUT_DIR gets
+# seven files: train.log (everything printed), runs.tgz (each run's config.json,
+# split.json, metrics.jsonl and summary.json), report.md (`lcmt_jax.report`'s table) and
+# the figures of `lcmt_jax.plot` (learning curves, PCA of each run's best teacher).
+# Environment:
+#   EPOCHS       epochs of every run (default 100)
+#   METHODS      the runs to make (default "mt_lc mt supervised")
+#   RUN_SECONDS  a run still going after this many seconds is stopped (default 170; its
+#                records so far are kept), so the whole script ends within a known time
+#   TRAIN_FLAGS  more train.py flags, e.g. a CPU dry run's
+#                "--config.width=8 --config.compute_dtype=float32"
+set -uo pipefail
+data=${1:?usage: cifar10_three_methods.sh DATA OUT_DIR}
+out=${2:?usage: cifar10_three_methods.sh DATA OUT_DIR}
+epochs=${EPOCHS:-100}
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$out"
+scratch=$(mktemp -d)
+start=$SECONDS
+if [[ -f "$data" ]]; then
+  tar xzf "$data" -C "$scratch" || exit 2
+  data=$(dirname "$(find "$scratch" -maxdepth 3 -type d -name train | head -1)")
+  echo "unpacked to $data in $((SECONDS - start)) s" | tee -a "$out/train.log"
+fi
+
+methods=(${METHODS:-mt_lc mt supervised})
+for method in "${methods[@]}"; do
+  echo "=== $method, $epochs epochs (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
+  timeout --signal=INT "${RUN_SECONDS:-170}" "$python" train.py \
+    --config="configs/cifar10.py:epochs=$epochs" --config.method="$method" \
+    --config.dataset=image_folder --config.data_dir="$data" --config.compute_dtype=bfloat16 \
+    --config.eval_every_epochs=5 --config.checkpoint_every_epochs="$epochs" \
+    --config.progress_bar=False --workdir="$scratch/$method" ${TRAIN_FLAGS:-} \
+    2>&1 | tee -a "$out/train.log"
+done
+runs=()  # Those that wrote records; a run that failed is left out of the table and figures.
+for method in "${methods[@]}"; do
+  [[ -s "$scratch/$method/metrics.jsonl" ]] && runs+=("$method")
+done
+(( ${#runs[@]} )) || { echo "no run wrote any records" | tee -a "$out/train.log"; exit 1; }
+tar czf "$out/runs.tgz" -C "$scratch" --ignore-failed-read \
+  "${runs[@]/%//config.json}" "${runs[@]/%//split.json}" "${runs[@]/%//metrics.jsonl}" \
+  "${runs[@]/%//summary.json}"
+(cd "$scratch" && "$python" -m lcmt_jax.report "${runs[@]}") 2>&1 | tee "$out/report.md"
+echo "=== figures (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
+"$python" -m lcmt_jax.plot --workdir="${runs[@]/#/$scratch/}" --out="$out" 2>&1 \
+  | tee -a "$out/train.log"
+echo "=== done at $((SECONDS - start)) s" | tee -a "$out/train.log"
