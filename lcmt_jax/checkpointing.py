@@ -21,6 +21,31 @@ class CheckpointError(errors.UserInputError):
   """A checkpoint on disk cannot be read."""
 
 
+class CheckpointMismatchError(CheckpointError):
+  """A readable checkpoint whose arrays do not fit the train state this code builds."""
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """`{'params/conv1a/v': shape, ...}` for a train state or orbax's metadata of one."""
+  def name(key):
+    return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
+  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _structure_mismatch(stored: Any, target: Any) -> str | None:
+  """The first difference between the stored arrays and the target's, or None."""
+  stored, target = _leaf_shapes(stored), _leaf_shapes(target)
+  for path in sorted(set(stored) | set(target)):
+    if path not in stored:
+      return f'{path} is not in the checkpoint'
+    if path not in target:
+      return f'the checkpoint has {path}, which this code does not build'
+    if stored[path] != target[path]:
+      return f'{path} has shape {stored[path]} there and {target[path]} here'
+  return None
+
+
 class RunCheckpoints:
   """`workdir/checkpoints/latest` (the newest checkpoint) and `best` (the two newest).
 
@@ -75,18 +100,32 @@ class RunCheckpoints:
     """
     manager = self._managers[kind]
     epoch = manager.latest_step()
+    path = manager.directory / str(epoch)
     try:
+      stored = manager.item_metadata(epoch).state
+      if not jax.tree.leaves(stored):  # Its array metadata is gone.
+        raise ValueError('the checkpoint lists no arrays')
       if target_state is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                manager.item_metadata(epoch).state)
+                                stored)
       else:
+        mismatch = _structure_mismatch(stored, target_state)
+        if mismatch:
+          raise CheckpointMismatchError(
+              f'checkpoint {path} holds a different train state than this code and config '
+              f'build ({mismatch}): resume it with the code and config that wrote it, or use a '
+              f'new --workdir')
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
       restored = manager.restore(epoch, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax and tensorstore raise many types for a damaged file.
+    except CheckpointMismatchError:
+      raise
+    # Orbax and tensorstore report a damaged file as any of these (tensorstore's
+    # DATA_LOSS is a ValueError, a torn JSON file a JSONDecodeError).
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
       raise CheckpointError(
-          f'checkpoint {manager.directory / str(epoch)} cannot be read ({type(e).__name__}: '
+          f'checkpoint {path} cannot be read ({type(e).__name__}: '
           f'{str(e).splitlines()[0] if str(e) else ""}); move it away to start that run over, '
           f'or use a new --workdir') from e
     return restored.state, restored.loop

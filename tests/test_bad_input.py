@@ -11,6 +11,7 @@ import pytest
 
 from lcmt_jax import configuration
 from lcmt_jax import trainer
+from tests import conftest
 from tests import helpers
 from tests.test_trainer import TINY_FLAGS, tiny_config
 
@@ -56,6 +57,24 @@ def test_unknown_config_key(train_cli, workdir):
   before = helpers.directory_contents(workdir)
   assert_refused(train_cli(*TINY_COMMAND, '--config.learning_rat=0.1', f'--workdir={workdir}'),
                  "no config key 'learning_rat'", workdir, before)
+
+
+def test_bad_config_file_argument(train_cli, workdir):
+  before = helpers.directory_contents(workdir)
+  command = ['--config=configs/quickstart.py:labels=2000', *TINY_COMMAND[1:]]
+  assert_refused(train_cli(*command, f'--workdir={workdir}'),
+                 'labels=2000 is not offered by this config', workdir, before)
+
+
+def test_bug_inside_a_config_file_shows_its_traceback(tmp_path):
+  """Not 'bad command line': an unknown key used by the config file itself is a bug."""
+  config_file = tmp_path / 'buggy.py'
+  config_file.write_text('from configs import quickstart\n\n\ndef get_config(arg=None):\n'
+                         '  config = quickstart.get_config(arg)\n'
+                         '  config.no_such_key.value = 1\n  return config\n')
+  with pytest.raises((AttributeError, KeyError), match='no_such_key'):
+    conftest.run_train(f'--config={config_file}', f'--workdir={tmp_path / "run"}')
+  assert not (tmp_path / 'run').exists()
 
 
 def assert_cifar10_refused(train_cli, data_dir, tmp_path, message):
@@ -120,6 +139,15 @@ def test_corrupt_checkpoint(train_cli, workdir, damage):
   before = helpers.directory_contents(workdir)
   assert_refused(train_cli(*TINY_COMMAND, '--config.num_epochs=2', f'--workdir={workdir}'),
                  'cannot be read', workdir, before)
+
+
+def test_checkpoint_of_a_different_network(train_cli, workdir):
+  """A readable checkpoint that does not fit the code's train state is named as such, not 'damaged'."""
+  before = helpers.directory_contents(workdir)
+  code, error_lines = train_cli(*TINY_COMMAND, '--config.width=16', '--allow_config_change',
+                                f'--workdir={workdir}')
+  assert_refused((code, error_lines), 'holds a different train state', workdir, before)
+  assert 'has shape' in error_lines[0] and 'cannot be read' not in error_lines[0]
 
 
 def test_workdir_that_is_a_file(train_cli, tmp_path):
