@@ -1,11 +1,27 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and the suite's persistent compilation cache."""
 
+import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from lcmt_jax import data_sources
+
+# The suite compiles the same tiny train steps in many tests and in the subprocesses
+# they start; a persistent cache (inherited by subprocesses through the environment)
+# compiles each once per machine. Set JAX_COMPILATION_CACHE_DIR to move or share it.
+_CACHE_SETTINGS = {
+    'jax_compilation_cache_dir': os.environ.setdefault(
+        'JAX_COMPILATION_CACHE_DIR',
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.pytest_cache',
+                     'jax_compilation_cache')),
+    'jax_persistent_cache_min_compile_time_secs': float(os.environ.setdefault(
+        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')),
+}
+for _name, _value in _CACHE_SETTINGS.items():
+  jax.config.update(_name, _value)
 
 _CIFAR10_FILES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
 _CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',

@@ -778,6 +778,7 @@ def _assert_events_hold_the_metrics(workdir, scalars):
     np.testing.assert_allclose(scalars[tag], events, rtol=1e-6)  # Written as float32.
 
 
+@pytest.mark.slow
 def test_runs_without_tensorflow(tmp_path):
   _write_cifar10_pickles(tmp_path / 'cifar', per_file=10, test_size=10)
   cifar_flags = dict(width=8, labeled_per_class=1, labeled_batch_size=8, unlabeled_batch_size=16,

@@ -19,6 +19,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
   """Two processes of one CPU device each against one process with two devices.
 

@@ -104,6 +104,7 @@ def test_config_validation_rejects_unknown_keys():
     configuration.validate(config)
 
 
+@pytest.mark.slow
 def test_train_py_exits_2_with_one_line_error(tmp_path):
   # One real process; tests/test_bad_input.py runs every case in-process.
   flag, message = '--config.width=-3', 'config.width=-3 is invalid'
@@ -149,6 +150,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
@@ -209,6 +211,7 @@ KILLED_AT_COMMIT_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_run_killed_at_any_point_resumes_to_the_same_result(uninterrupted_run, tmp_path):
   """Kill -9 while checkpoint 1 is written, during a step of epoch 2, and while checkpoint 2 is
   written; each time the same command resumes from the last complete checkpoint."""
