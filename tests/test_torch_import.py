@@ -2,13 +2,17 @@
 
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+# Only the optional third-party torch may skip this module; an import of our own
+# modules that fails is an error, not a skip.
 torch = pytest.importorskip(
     'torch', reason='torch is needed only to test importing PyTorch checkpoints')
 
 from benchmarks import torch_reference  # pylint: disable=wrong-import-position
+from lcmt_jax import models  # pylint: disable=wrong-import-position
 from lcmt_jax import torch_import  # pylint: disable=wrong-import-position
 
 WIDTH = 16
@@ -77,8 +81,6 @@ def test_round_trip_into_reference_model(state_dict):
 
 
 def test_layout_matches_flax_model(state_dict):
-  jax = pytest.importorskip('jax')
-  models = pytest.importorskip('lcmt_jax.models')
   flax_vars = jax.eval_shape(lambda: models.ConvLarge(width=WIDTH).init(
       jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False))
   imported = torch_import.load_reference_state_dict(state_dict)
