@@ -431,26 +431,33 @@ def _assert_metrics_agree(jax_metrics, torch_metrics, step, rtol=1e-4):
                                atol=1e-7, err_msg=f'step {step}: {jax_name}')
 
 
-@pytest.mark.parametrize('step', [2, 5])
-def test_step_gradients_match(batches, thresholds, step):
-  """The gradient `train_step` takes against the port's `loss.backward()`, in epoch 2 or 3."""
-  config = _config(thresholds['median'], REFERENCE_LR)
-  state = _initial_state(config, _recorded_gradients()).replace(step=step)
-  student, teacher = _torch_networks(state)
-  step_config = train_state.StepConfig.from_config(config, STEPS_PER_EPOCH)
-  state, metrics = _TRAIN_STEP(state, batches[0][0], step_config)
-  hparams = _hparams(config)
-  torch_metrics = ref.train_step(student, teacher, ref.make_optimizer(student, hparams),
-                                 batches[1][0], _epoch(step), hparams)
+def test_step_gradients_match(batches, thresholds):
+  """The gradient `train_step` takes against the port's `loss.backward()`, in epochs 2 and 3.
 
-  metrics = jax.device_get(metrics)
-  assert metrics['consistency_weight'] > 0 and metrics['lc_weight'] > 0
-  assert 0.2 < metrics['lc_within_lu'] < 0.8 and 0.2 < metrics['lc_within_uu'] < 0.8
-  _assert_metrics_agree(metrics, torch_metrics, step)
-  grads = _reference_params(state.opt_state, state.batch_stats)
-  torch_grads = {name: p.grad.numpy() for name, p in student.named_parameters()}
-  assert len(torch_grads) == 30  # v, g and b of ten layers.
-  _assert_state_dicts_close(grads, torch_grads)
+  Each of the two states is compared tightly; one of them may sit on a LeakyReLU
+  kink (see STEP_GRADIENT_DEPENDENT) and is then held to the kink limit only.
+  """
+  config = _config(thresholds['median'], REFERENCE_LR)
+  hparams = _hparams(config)
+  step_config = train_state.StepConfig.from_config(config, STEPS_PER_EPOCH)
+  tight, kink = STEP_GRADIENT_DEPENDENT['momentum']  # The buffers of a first step are gradients.
+  errors = {}
+  for step in (2, 5):
+    state = _initial_state(config, _recorded_gradients()).replace(step=step)
+    student, teacher = _torch_networks(state)
+    state, metrics = _TRAIN_STEP(state, batches[0][0], step_config)
+    torch_metrics = ref.train_step(student, teacher, ref.make_optimizer(student, hparams),
+                                   batches[1][0], _epoch(step), hparams)
+    metrics = jax.device_get(metrics)
+    assert metrics['consistency_weight'] > 0 and metrics['lc_weight'] > 0
+    assert 0.2 < metrics['lc_within_lu'] < 0.8 and 0.2 < metrics['lc_within_uu'] < 0.8
+    _assert_metrics_agree(metrics, torch_metrics, step)
+    grads = _reference_params(state.opt_state, state.batch_stats)
+    torch_grads = {name: p.grad.numpy() for name, p in student.named_parameters()}
+    assert len(torch_grads) == 30  # v, g and b of ten layers.
+    errors[step] = _largest_error(grads, torch_grads)
+    assert errors[step] <= kink, f'step {step}: gradient off by {errors[step]:.2e} of its scale'
+  assert sum(error > tight for error in errors.values()) <= 1, errors
 
 
 def _torch_sgd_step(variables, momentum, grads, lr, hparams):
