@@ -5,7 +5,6 @@ trainer. Bad input (command line, config, data, workdir) ends with a
 one-line error and exit status 2.
 """
 
-import sys
 
 from absl import app
 from absl import flags
@@ -50,8 +49,7 @@ def main(argv: list[str]) -> None:
     trainer.train_and_evaluate(config, _WORKDIR.value or default_workdir,
                                allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except errors.UserInputError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    errors.exit_with_error(e)
 
 
 if __name__ == '__main__':

@@ -49,13 +49,18 @@ def command_line_mistake(error: Exception, argv: Sequence[str]) -> str | None:
   return None
 
 
+def exit_with_error(message: object) -> NoReturn:
+  """Ends the program the way bad input ends it: `error: MESSAGE` on stderr, exit status 2."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def exit_bad_command_line(error: Exception) -> NoReturn:
   """Prints a command-line mistake as one line and exits with status 2; re-raises a bug."""
   message = command_line_mistake(error, sys.argv)
   if message is None:
     raise error
-  print(f'error: bad command line ({message})', file=sys.stderr)
-  sys.exit(2)
+  exit_with_error(f'bad command line ({message})')
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:

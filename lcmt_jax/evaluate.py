@@ -224,34 +224,32 @@ def _define_flags() -> Any:
       'config', None, 'Config whose data set a --torch_checkpoint is evaluated on.')
 
 
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv: list[str], config_flag: Any) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    errors.exit_with_error(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
   workdir, torch_path = flags.FLAGS.workdir, flags.FLAGS.torch_checkpoint
   if (workdir is None) == (torch_path is None):
-    _fail('give exactly one of --workdir=DIR or --torch_checkpoint=FILE --config=CONFIG.py')
+    errors.exit_with_error('give exactly one of --workdir=DIR or --torch_checkpoint=FILE --config=CONFIG.py')
   try:
     if workdir is not None:
       evaluable = restore_run(workdir, flags.FLAGS.checkpoint)
     else:
       try:
         config = config_flag.value
-      except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        _fail(f'bad --config ({(str(e).strip().splitlines() or [repr(e)])[-1]})')
+      except errors.BAD_FLAG_ERRORS as e:
+        message = errors.command_line_mistake(e, sys.argv)
+        if message is None:  # A bug inside the config file: its traceback.
+          raise
+        errors.exit_with_error(f'bad --config ({message})')
       if config is None:
-        _fail('--torch_checkpoint needs --config=CONFIG.py naming the data set to evaluate on')
+        errors.exit_with_error('--torch_checkpoint needs --config=CONFIG.py naming the data set to evaluate on')
       evaluable = import_torch_checkpoint(config, torch_path, flags.FLAGS.torch_key)
     print(format_results(evaluable.description, evaluate(evaluable)), flush=True)
   except errors.UserInputError as e:
-    _fail(str(e))
+    errors.exit_with_error(str(e))
 
 
 def run() -> None:

@@ -8,6 +8,7 @@ is installed).
 import json
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -99,6 +100,26 @@ class Progress:
 
   def close(self) -> None:
     self._bar.close()
+
+
+def run_summary(config: Mapping[str, Any], *, epochs: int, best_epoch: int | None,
+                last_eval: Mapping[str, float], best_eval: Mapping[str, float],
+                train_seconds: float | None = None) -> dict[str, Any]:
+  """What `summary.json` holds: the run, and test (and validation) errors of two evaluations.
+
+  'final' is the last evaluation; 'best' the one with the best teacher
+  accuracy on the config's selection split.
+  """
+  summary = {'dataset': config['dataset'], 'method': config['method'], 'seed': config['seed'],
+             'epochs': epochs, 'best_epoch': best_epoch,
+             'selection': config.get('selection', 'test')}
+  if train_seconds is not None:
+    summary['train_seconds'] = train_seconds
+  for prefix, evaluation in (('final', last_eval), ('best', best_eval)):
+    for key, value in evaluation.items():
+      if key.endswith('_accuracy'):
+        summary[f'{prefix}/{key.replace("_accuracy", "_error")}'] = 1.0 - value
+  return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -10,7 +10,6 @@ feature vectors of the test images, coloured by class.
 """
 
 import os
-import sys
 from collections.abc import Sequence
 
 import matplotlib
@@ -178,8 +177,7 @@ def main(argv: list[str]) -> None:
                              projection=flags.FLAGS.projection, tsne=flags.FLAGS.tsne):
       print(f'wrote {path} ({os.path.getsize(path) // 1024} KiB)', flush=True)
   except errors.UserInputError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    errors.exit_with_error(e)
 
 
 def run() -> None:

@@ -13,7 +13,6 @@ Reads JSON only; it does not load JAX.
 import dataclasses
 import json
 import os
-import sys
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -73,18 +72,12 @@ def summary_from_metrics(workdir: str) -> dict:
     config = json.load(f)
   records = metrics_log.read_records(os.path.join(workdir, 'metrics.jsonl'))
   evals = [r for r in records if r['kind'] == 'eval']
-  summary = {'dataset': config['dataset'], 'method': config['method'], 'seed': config['seed'],
-             'epochs': max((r['epoch'] for r in records), default=0)}
-  if evals:
-    selection = f'{config.get("selection", "test")}/teacher_accuracy'
-    # The first of equal bests, as the trainer keeps it (it replaces only on a strict gain).
-    best = max(evals, key=lambda r: (r.get(selection, -1.0), -r['epoch']))
-    summary['best_epoch'] = best['epoch']
-    for prefix, record in (('final', evals[-1]), ('best', best)):
-      for key, value in record.items():
-        if key.endswith('_accuracy'):
-          summary[f'{prefix}/{key.replace("_accuracy", "_error")}'] = 1.0 - value
-  return summary
+  selection = f'{config.get("selection", "test")}/teacher_accuracy'
+  # The first of equal bests, as the trainer keeps it (it replaces only on a strict gain).
+  best = max(evals, key=lambda r: (r.get(selection, -1.0), -r['epoch'])) if evals else {}
+  return metrics_log.run_summary(config, epochs=max((r['epoch'] for r in records), default=0),
+                                 best_epoch=best.get('epoch'),
+                                 last_eval=evals[-1] if evals else {}, best_eval=best)
 
 
 def load_run(workdir: str) -> Run:
@@ -152,8 +145,7 @@ def main(argv: list[str]) -> None:
       raise errors.UserInputError('give one or more run directories: python -m lcmt_jax.report DIR')
     text = report(argv[1:])
   except errors.UserInputError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    errors.exit_with_error(e)
   print(text, end='')
   if flags.FLAGS.out:
     with open(flags.FLAGS.out, 'w') as f:

@@ -356,7 +356,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoints.close()
     progress.close()
     log.close()
-  summary = _summary(config, loop)
+  summary = metrics_log.run_summary(
+      config, epochs=loop['epoch'], best_epoch=loop['best_epoch'],
+      last_eval=loop.get('last_eval', {}), best_eval=loop.get('best_eval', {}),
+      train_seconds=loop['train_seconds'])
   log.write_summary(summary)
   if lead:
     print(metrics_log.format_summary(summary), flush=True)
@@ -392,15 +395,3 @@ def _format_eval(epoch: int, evaluation: dict[str, float]) -> str:
   parts += [f'{k.replace("_q50", "")} median {v:.3g}' for k, v in evaluation.items()
             if k.endswith('distance_q50')]
   return f'epoch {epoch}: ' + ', '.join(parts)
-
-
-def _summary(config: ml_collections.ConfigDict, loop: dict) -> dict[str, Any]:
-  last, best = loop.get('last_eval', {}), loop.get('best_eval', {})
-  summary = {'dataset': config.dataset, 'method': config.method, 'seed': config.seed,
-             'epochs': loop['epoch'], 'best_epoch': loop['best_epoch'],
-             'selection': config.selection, 'train_seconds': loop['train_seconds']}
-  for prefix, evaluation in (('final', last), ('best', best)):
-    for key, value in evaluation.items():
-      if key.endswith('_accuracy'):
-        summary[f'{prefix}/{key.replace("_accuracy", "_error")}'] = 1.0 - value
-  return summary
