@@ -10,8 +10,12 @@ import ml_collections
 
 from lcmt_jax import data_sources
 from lcmt_jax import errors
-from lcmt_jax import schedules
-from lcmt_jax import train_state
+
+# The allowed values of the keys that choose a behaviour; lower layers take them from here.
+METHODS = ('mt_lc', 'mt', 'supervised')
+GRANULARITIES = ('epoch', 'step')
+TEACHER_INITS = ('independent', 'copy')
+WEIGHT_DECAY_PARAMS = ('all', 'kernels')
 
 
 class ConfigError(errors.UserInputError):
@@ -68,7 +72,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'dropout_rate': _number_in(0.0, 1.0, high_open=True),
     'bn_momentum': _number_in(0.0, 1.0, low_open=True),
     'compute_dtype': _one_of('float32', 'bfloat16'),
-    'method': _one_of(*train_state.METHODS),
+    'method': _one_of(*METHODS),
     'consistency_weight': _number_in(0.0, _INF),
     'consistency_rampup': _number_in(0.0, _INF, high_open=True),
     'ema_decay': _number_in(0.0, 1.0),
@@ -84,10 +88,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'decay_end': _number_in(0.0, _INF, high_open=True),
     'num_epochs': _int_at_least(1),
     'selection': _one_of('test', 'validation'),
-    'schedule_granularity': _one_of(*schedules.GRANULARITIES),
-    'teacher_init': _one_of(*train_state.TEACHER_INITS),
+    'schedule_granularity': _one_of(*GRANULARITIES),
+    'teacher_init': _one_of(*TEACHER_INITS),
     'joint_forward': _BOOL,
-    'weight_decay_params': _one_of(*train_state.WEIGHT_DECAY_PARAMS),
+    'weight_decay_params': _one_of(*WEIGHT_DECAY_PARAMS),
     'seed': _int_at_least(0),
     'steps_per_call': _int_at_least(0),
     'eval_every_epochs': _int_at_least(1),
@@ -97,8 +101,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises `ConfigError` for the first unknown key, missing key or impossible value."""
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises `ConfigError` for the first unknown key, missing key or impossible value.
+
+  `num_devices` is the size of the data-parallel mesh, which every batch size
+  must divide.
+  """
   unknown = sorted(set(config.keys()) - set(RULES))
   if unknown:
     raise ConfigError(f'unknown config key {unknown[0]!r}; valid keys are listed in configs/default.py')
@@ -118,3 +126,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.selection == 'validation' and config.validation_per_class == 0:
     raise ConfigError('config.selection=validation needs a validation split: set '
                       'config.validation_per_class > 0, or use config.selection=test')
+  for key in ('labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size'):
+    if config[key] % num_devices:
+      raise ConfigError(f'config.{key}={config[key]} does not divide over {num_devices} devices: '
+                        f'use a multiple of {num_devices}')

@@ -8,7 +8,7 @@ into a continuous one that agrees with it at each epoch's first step.
 import jax
 import jax.numpy as jnp
 
-GRANULARITIES = ('epoch', 'step')
+from lcmt_jax import configuration
 
 
 def schedule_epoch(step: jax.Array, steps_per_epoch: int, granularity: str) -> jax.Array:
@@ -17,8 +17,9 @@ def schedule_epoch(step: jax.Array, steps_per_epoch: int, granularity: str) -> j
   'epoch': `step // steps_per_epoch + 1`, as the reference; 'step':
   `step / steps_per_epoch + 1`, which moves every step.
   """
-  if granularity not in GRANULARITIES:
-    raise ValueError(f'schedule granularity must be one of {GRANULARITIES}, got {granularity!r}')
+  if granularity not in configuration.GRANULARITIES:
+    raise ValueError(f'schedule granularity must be one of {configuration.GRANULARITIES}, '
+                     f'got {granularity!r}')
   if granularity == 'epoch':
     return (jnp.asarray(step) // steps_per_epoch + 1).astype(jnp.float32)
   return jnp.asarray(step, jnp.float32) / steps_per_epoch + 1.0

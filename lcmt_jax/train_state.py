@@ -16,13 +16,11 @@ import ml_collections
 import optax
 from flax.training import train_state
 
+from lcmt_jax import configuration
 from lcmt_jax import losses
 from lcmt_jax import models
 from lcmt_jax import schedules
 
-METHODS = ('mt_lc', 'mt', 'supervised')
-TEACHER_INITS = ('independent', 'copy')
-WEIGHT_DECAY_PARAMS = ('all', 'kernels')
 
 
 class TrainState(train_state.TrainState):
@@ -113,8 +111,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
   data-dependent initialisation from its own batch, as the reference does
   (quirk 3); `'copy'` starts it as an exact copy of the student.
   """
-  if teacher_init not in TEACHER_INITS:
-    raise ValueError(f'teacher_init must be one of {TEACHER_INITS}, got {teacher_init!r}')
+  if teacher_init not in configuration.TEACHER_INITS:
+    raise ValueError(f'teacher_init must be one of {configuration.TEACHER_INITS}, got {teacher_init!r}')
   student_key, teacher_key, student_ddi_key, teacher_ddi_key, rng = jax.random.split(key, 5)
   student = models.data_dependent_init(
       model, models.init_variables(model, student_key, student_init_images),

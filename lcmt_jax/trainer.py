@@ -164,14 +164,6 @@ def _check_finite(metrics: dict[str, np.ndarray], first_step: int, loop: dict) -
       f'rate or the loss weights and start a new --workdir')
 
 
-def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  for key in ('labeled_batch_size', 'unlabeled_batch_size', 'eval_batch_size'):
-    if config[key] % num_devices:
-      raise configuration.ConfigError(
-          f'config.{key}={config[key]} does not divide over {num_devices} devices: '
-          f'use a multiple of {num_devices}')
-
-
 def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
                           allow_config_change: bool) -> list[str]:
   """The keys (beyond RESUMABLE_KEYS) in which `config` differs from the run in `workdir`.
@@ -273,9 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Every check of the input (config, workdir, data) comes before the first
   write to `workdir`, so bad input leaves it as it was.
   """
-  configuration.validate(config)
   mesh = make_mesh()
-  _check_batch_sizes(config, mesh.size)
+  configuration.validate(config, mesh.size)
   changed_keys = _check_workdir_config(config, workdir, allow_config_change)
   split = input_pipeline.load_split(config)
   info = split.info

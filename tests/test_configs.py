@@ -248,3 +248,14 @@ def test_epochs_hand_computed_examples():
   assert (config.eval_every_epochs, config.checkpoint_every_epochs) == (15, 15)
   assert config.schedule_granularity == 'step'
   assert math.isclose(config.lc_start / config.num_epochs, 300 / 500)
+
+
+def test_batch_sizes_must_divide_over_the_devices():
+  config = default.get_config()  # CIFAR-10's.
+  configuration.validate(config, num_devices=4)  # 32, 128 and 500 all divide by 4.
+  with pytest.raises(configuration.ConfigError,
+                     match='labeled_batch_size=32 does not divide over 3 devices'):
+    configuration.validate(config, num_devices=3)
+  config.eval_batch_size = 498
+  with pytest.raises(configuration.ConfigError, match='eval_batch_size=498 does not divide over 4'):
+    configuration.validate(config, num_devices=4)
