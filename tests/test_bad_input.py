@@ -7,6 +7,7 @@ per case would cost seconds of start-up each).
 import json
 import shutil
 
+import ml_collections
 import pytest
 
 from lcmt_jax import configuration
@@ -45,12 +46,21 @@ def assert_refused(result, message, workdir, before):
 # data_dir or one that is a file are cases below; an unwritable cache_dir only warns
 # (tests/test_data_sources.py).
 @pytest.mark.parametrize('key', sorted(set(configuration.RULES) - {'data_dir', 'cache_dir'}))
-def test_invalid_config_value(train_cli, workdir, key):
+def test_invalid_config_value(key):
+  """Every key's check, on the config train.py would run (the CLI path: the test below)."""
   check, _ = configuration.RULES[key]
   bad = next(v for v in (-1, 'bogus', 1.5) if not check(v))
+  # Untyped, so a value of another type reaches the check as a hand-written config's would.
+  config = ml_collections.ConfigDict(tiny_config(num_epochs=1).to_dict(), type_safe=False)
+  config[key] = bad
+  with pytest.raises(configuration.ConfigError, match=f'config.{key}='):
+    configuration.validate(config)
+
+
+def test_invalid_config_value_on_the_command_line(train_cli, workdir):
   before = helpers.directory_contents(workdir)
-  assert_refused(train_cli(*TINY_COMMAND, f'--config.{key}={bad}', f'--workdir={workdir}'),
-                 f'config.{key}', workdir, before)
+  assert_refused(train_cli(*TINY_COMMAND, '--config.ema_decay=1.5', f'--workdir={workdir}'),
+                 'config.ema_decay=1.5 is invalid', workdir, before)
 
 
 def test_unknown_config_key(train_cli, workdir):
