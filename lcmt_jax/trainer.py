@@ -43,8 +43,14 @@ RESUMABLE_KEYS = frozenset({'data_dir', 'cache_dir', 'num_epochs', 'steps_per_ca
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  """A one-axis mesh named 'data' over `devices` (default: every device)."""
-  return Mesh(np.asarray(devices or jax.devices()), ('data',))
+  """A one-axis mesh named 'data' over `devices` (default: every device).
+
+  The axis is `Auto`: jit propagates the shardings that `run_steps` pins with
+  `with_sharding_constraint`.
+  """
+  devices = devices or jax.devices()
+  return jax.make_mesh((len(devices),), ('data',), (jax.sharding.AxisType.Auto,),
+                       devices=devices)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ConvLarge:
