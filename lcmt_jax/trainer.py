@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcmt_jax import checkpointing
@@ -229,7 +230,9 @@ def _record_split(config: ml_collections.ConfigDict, workdir: str,
   os.replace(path + '.tmp', path)
 
 
-def _initial_state(config, model, tx, info, data, key):
+def initial_state(config: ml_collections.ConfigDict, model: models.ConvLarge,
+                  tx: optax.GradientTransformation, info: input_pipeline.DatasetInfo,
+                  data: dict[str, jax.Array], key: jax.Array) -> train_state.TrainState:
   """Data-dependent init from one augmented labelled batch per network, as the reference."""
   init_key, student_batch_key, teacher_batch_key = jax.random.split(key, 3)
   student_batch = input_pipeline.sample_batch(
@@ -260,7 +263,7 @@ def build_state(config: ml_collections.ConfigDict, info: input_pipeline.DatasetI
   """
   model = build_model(config, info.num_classes)
   tx = train_state.make_optimizer(config, step_config)
-  return jax.jit(functools.partial(_initial_state, config, model, tx, info),
+  return jax.jit(functools.partial(initial_state, config, model, tx, info),
                  out_shardings=NamedSharding(mesh, PartitionSpec()))(data, key)
 
 
@@ -336,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       log.write(epoch, 'train', record)
 
       if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
-        evaluation = _evaluate(predict_fn, state, data, split)
+        evaluation = evaluate_splits(predict_fn, state, data, split)
         log.write(epoch, 'eval', evaluation)
         progress.print(_format_eval(epoch, evaluation))
         selection = evaluation[f'{config.selection}/teacher_accuracy']
@@ -363,7 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return summary
 
 
-def _evaluate(predict_fn, state, data, split) -> dict[str, float]:
+def evaluate_splits(predict_fn: Any, state: train_state.TrainState, data: dict[str, jax.Array],
+                    split: input_pipeline.SplitData) -> dict[str, float]:
   """Student and teacher accuracy on the test set and, when there is one, the validation set.
 
   Also the quantiles of the student's pairwise feature distances (eval mode)

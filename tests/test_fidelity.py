@@ -386,7 +386,7 @@ def _scripted_run(monkeypatch, workdir, config, evaluations):
     del data, data_key, kwargs
     return state.replace(step=state.step + num_steps), {'loss': jnp.zeros(num_steps)}
 
-  monkeypatch.setattr(trainer, '_evaluate', evaluate)
+  monkeypatch.setattr(trainer, 'evaluate_splits', evaluate)
   monkeypatch.setattr(trainer, 'run_steps', run_steps)
   monkeypatch.setattr(trainer, 'build_state', _untrained_state)
   summary = trainer.train_and_evaluate(config, str(workdir))
@@ -476,7 +476,7 @@ def _decode(images):
 
 @pytest.fixture(scope='module')
 def initial_states():
-  """`trainer._initial_state` with an independent and with a copied teacher (one compile).
+  """`trainer.initial_state` with an independent and with a copied teacher (one compile).
 
   Returns the two states and the image batches each passed to `create_train_state`.
   """
@@ -501,7 +501,7 @@ def initial_states():
 
       with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer.train_state, 'create_train_state', spy)
-        state = trainer._initial_state(config, model, optax.identity(), _PLAIN, data, key)
+        state = trainer.initial_state(config, model, optax.identity(), _PLAIN, data, key)
       assert seen['mode'] == teacher_init
       results[teacher_init] = (state, seen['student'], seen['teacher'])
     return results

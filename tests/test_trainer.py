@@ -134,7 +134,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
       mesh = trainer.make_mesh(devices)
       data = trainer.put_data_on_device(split, mesh)
       replicated = NamedSharding(mesh, P())
-      state = jax.jit(functools.partial(trainer._initial_state, config, model, tx, split.info),
+      state = jax.jit(functools.partial(trainer.initial_state, config, model, tx, split.info),
                       out_shardings=replicated)(data, jax.random.PRNGKey(0))
       fn = jax.jit(functools.partial(
           trainer.run_steps, num_steps=3, step_config=step_config, info=split.info,
