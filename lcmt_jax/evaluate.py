@@ -85,16 +85,13 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def _prepare(config: ml_collections.ConfigDict, key: jax.Array):
   """The split, its on-device data, a freshly built state and a jitted predict, as the trainer has."""
-  configuration.validate(config)
   mesh = trainer.make_mesh()
+  configuration.validate(config, mesh.size)
   split = input_pipeline.load_split(config)
   data = trainer.put_data_on_device(split, mesh)
   step_config = trainer.build_step_config(config, split)
   state = trainer.build_state(config, split.info, data, mesh, step_config, key)
-  predict_fn = jax.jit(functools.partial(
-      trainer.predict, batch_size=config.eval_batch_size, info=split.info,
-      batch_sharding=NamedSharding(mesh, PartitionSpec('data'))))
-  return split, data, state, predict_fn
+  return split, data, state, trainer.make_predict_fn(config, split.info, mesh)
 
 
 def restore_run(workdir: str, kind: str = 'best') -> Evaluable:

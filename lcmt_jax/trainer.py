@@ -267,6 +267,29 @@ def build_state(config: ml_collections.ConfigDict, info: input_pipeline.DatasetI
                  out_shardings=NamedSharding(mesh, PartitionSpec()))(data, key)
 
 
+def make_train_fn(config: ml_collections.ConfigDict, step_config: train_state.StepConfig,
+                  info: input_pipeline.DatasetInfo, mesh: Mesh):
+  """`run_steps` compiled for `mesh`: `fn(state, data, data_key, num_steps=N) -> (state, metrics)`.
+
+  The state is donated; batches are sharded over the mesh, the rest replicated.
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+      functools.partial(run_steps, step_config=step_config, info=info,
+                        labeled_batch_size=config.labeled_batch_size,
+                        unlabeled_batch_size=config.unlabeled_batch_size,
+                        batch_sharding=NamedSharding(mesh, PartitionSpec('data'))),
+      static_argnames='num_steps', donate_argnums=0, out_shardings=(replicated, replicated))
+
+
+def make_predict_fn(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+                    mesh: Mesh):
+  """`predict` compiled for `mesh`: `fn(state, images) -> predictions and features`."""
+  return jax.jit(functools.partial(predict, batch_size=config.eval_batch_size, info=info,
+                                   batch_sharding=NamedSharding(mesh, PartitionSpec('data'))),
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (or resumes) the run described by `config` in `workdir`; returns its summary.
@@ -280,8 +303,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   split = input_pipeline.load_split(config)
   info = split.info
   data = put_data_on_device(split, mesh)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
 
   step_config = build_step_config(config, split)
   steps_per_epoch = step_config.steps_per_epoch
@@ -299,15 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log = metrics_log.MetricsLog(workdir, resume_after_epoch=loop['epoch'], enabled=lead)
 
   steps_per_call = config.steps_per_call or default_steps_per_call(steps_per_epoch)
-  train_fn = jax.jit(
-      functools.partial(run_steps, step_config=step_config, info=info,
-                        labeled_batch_size=config.labeled_batch_size,
-                        unlabeled_batch_size=config.unlabeled_batch_size,
-                        batch_sharding=batch_sharding),
-      static_argnames='num_steps', donate_argnums=0, out_shardings=(replicated, replicated))
-  predict_fn = jax.jit(functools.partial(predict, batch_size=config.eval_batch_size, info=info,
-                                         batch_sharding=batch_sharding),
-                       out_shardings=replicated)
+  train_fn = make_train_fn(config, step_config, info, mesh)
+  predict_fn = make_predict_fn(config, info, mesh)
   images_per_step = config.labeled_batch_size + (
       config.unlabeled_batch_size if step_config.use_unlabeled else 0)
   progress = metrics_log.Progress(total_steps=config.num_epochs * steps_per_epoch,

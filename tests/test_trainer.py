@@ -118,29 +118,21 @@ def test_train_py_exits_2_with_one_line_error(tmp_path):
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent('''
-    import functools, jax, numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from lcmt_jax import input_pipeline, train_state, trainer
+    import jax, numpy as np
+    from lcmt_jax import input_pipeline, trainer
     from tests.test_trainer import tiny_config
 
     config = tiny_config()
     split = input_pipeline.load_split(config)
-    steps_per_epoch = input_pipeline.steps_per_epoch(len(split.unlabeled_images), 128)
-    step_config = train_state.StepConfig.from_config(config, steps_per_epoch)
-    model = trainer.build_model(config, 10)
-    tx = train_state.make_optimizer(config, step_config)
+    step_config = trainer.build_step_config(config, split)
 
     def run(devices):
       mesh = trainer.make_mesh(devices)
       data = trainer.put_data_on_device(split, mesh)
-      replicated = NamedSharding(mesh, P())
-      state = jax.jit(functools.partial(trainer.initial_state, config, model, tx, split.info),
-                      out_shardings=replicated)(data, jax.random.PRNGKey(0))
-      fn = jax.jit(functools.partial(
-          trainer.run_steps, num_steps=3, step_config=step_config, info=split.info,
-          labeled_batch_size=16, unlabeled_batch_size=128,
-          batch_sharding=NamedSharding(mesh, P('data'))), out_shardings=(replicated, replicated))
-      state, metrics = fn(state, data, jax.random.PRNGKey(1))
+      state = trainer.build_state(config, split.info, data, mesh, step_config,
+                                  jax.random.PRNGKey(0))
+      train_fn = trainer.make_train_fn(config, step_config, split.info, mesh)
+      state, metrics = train_fn(state, data, jax.random.PRNGKey(1), num_steps=3)
       return jax.device_get((state.params, state.teacher_params, state.batch_stats, metrics))
 
     assert jax.device_count() == 4
