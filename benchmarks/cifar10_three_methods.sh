@@ -11,16 +11,17 @@
 # split.json, metrics.jsonl and summary.json), report.md (`lcmt_jax.report`'s table) and
 # the figures of `lcmt_jax.plot` (learning curves, PCA of each run's best teacher).
 # Environment:
-#   EPOCHS       epochs of every run (default 100)
+#   EPOCHS       epochs of every run (default 80: the three runs, the report and the figures
+#                take about 8 minutes on one H200, measured 2026-11-26)
 #   METHODS      the runs to make (default "mt_lc mt supervised")
-#   RUN_SECONDS  a run still going after this many seconds is stopped (default 170; its
+#   RUN_SECONDS  a run still going after this many seconds is stopped (default 240; its
 #                records so far are kept), so the whole script ends within a known time
 #   TRAIN_FLAGS  more train.py flags, e.g. a CPU dry run's
 #                "--config.width=8 --config.compute_dtype=float32"
 set -uo pipefail
 data=${1:?usage: cifar10_three_methods.sh DATA OUT_DIR}
 out=${2:?usage: cifar10_three_methods.sh DATA OUT_DIR}
-epochs=${EPOCHS:-100}
+epochs=${EPOCHS:-80}
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
@@ -35,7 +36,7 @@ fi
 methods=(${METHODS:-mt_lc mt supervised})
 for method in "${methods[@]}"; do
   echo "=== $method, $epochs epochs (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
-  timeout --signal=INT "${RUN_SECONDS:-170}" "$python" train.py \
+  timeout --signal=INT "${RUN_SECONDS:-240}" "$python" train.py \
     --config="configs/cifar10.py:epochs=$epochs" --config.method="$method" \
     --config.dataset=image_folder --config.data_dir="$data" --config.compute_dtype=bfloat16 \
     --config.eval_every_epochs=5 --config.checkpoint_every_epochs="$epochs" \
