@@ -142,7 +142,7 @@ def predict(state: train_state.TrainState, images: jax.Array, *, batch_size: int
 
 
 def accuracies(predictions: dict[str, jax.Array], labels: np.ndarray) -> dict[str, float]:
-  predictions = jax.device_get(predictions)
+  predictions = jax.device_get({net: predictions[net] for net in ('student', 'teacher')})
   return {f'{net}_accuracy': float(np.mean(predictions[net] == labels))
           for net in ('student', 'teacher')}
 
