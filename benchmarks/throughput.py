@@ -7,9 +7,11 @@ Rows (each at the full ConvLarge and a 32 + 128 batch unless flags say otherwise
 - JAX step, float32 and bfloat16 compute (`ConvLarge(dtype=...)`), and
   `float32-highest` (float32 with `jax.default_matmul_precision('highest')`, no
   TF32 on GPUs): `train_step` on one fixed batch already on the device. On an accelerator the timed steps
-  run in one `lax.scan`; on the CPU every step is its own jitted call, because
-  XLA:CPU runs these convolutions far slower inside a loop
-  (`trainer.default_steps_per_call`).
+  run in one `lax.scan`; on the CPU every step is its own jitted call, as
+  `trainer.default_steps_per_call` has it, unless `--steps_per_call` says
+  otherwise (the `lax.scan` of steps runs at full speed on the CPU too since
+  `models.conv2d` writes its kernel gradient in Eigen's form; BENCHMARKS.md,
+  "CPU").
 - With `--epoch`, JAX epoch rows: one epoch end to end over synthetic uint8
   CIFAR-size data through `trainer.run_steps` (sampling and augmentation inside
   `jit`).
@@ -20,6 +22,10 @@ Rows (each at the full ConvLarge and a 32 + 128 batch unless flags say otherwise
   imports JAX, so that the frameworks do not share a GPU process. Its rows come
   back as JSON. With JAX's default preallocation it gets the quarter of the GPU
   that JAX left, far more than this model needs. `--torch_rows` picks the rows.
+
+On the CPU, `lcmt_jax.cpu_flags` (imported first) adds the XLA:CPU flag
+that keeps convolutions off YNNPACK unless `XLA_FLAGS` sets it already or
+`LCMT_XLA_CPU_FLAGS=0`; the header prints the `XLA_FLAGS` the run used.
 
 `vs PyTorch` compares each step row with `PyTorch step float32` and each epoch
 row with `PyTorch epoch float32`; a row that could not be measured (a
@@ -50,8 +56,10 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
+from lcmt_jax import cpu_flags  # pylint: disable=unused-import  # Before JAX starts its CPU client.
+
+import jax  # pylint: disable=wrong-import-order
+import jax.numpy as jnp  # pylint: disable=wrong-import-order
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -152,7 +160,7 @@ def _jax_step_row(args, dtype: str) -> Row:
            'labels': jnp.asarray(rng.integers(0, 10, args.labeled_batch), jnp.int32),
            'unlabeled_student': images(args.unlabeled_batch),
            'unlabeled_teacher': images(args.unlabeled_batch)}
-  steps_per_call = trainer.default_steps_per_call(args.steps)
+  steps_per_call = args.steps_per_call or trainer.default_steps_per_call(args.steps)
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=_replicated())
   def run(state, batch):
@@ -170,7 +178,8 @@ def _jax_step_row(args, dtype: str) -> Row:
   warmup_calls = math.ceil(args.warmup / steps_per_call)
   seconds = _time_calls(fn, state, num_calls, warmup_calls) / (num_calls * steps_per_call)
   return Row(f'JAX step {dtype.replace("-", " ")}', (args.labeled_batch + args.unlabeled_batch) / seconds, seconds,
-             dtype, note=f'compile + first call {compile_seconds:.0f} s')
+             dtype, note=f'compile + first call {compile_seconds:.0f} s, {steps_per_call} step'
+             f'{"s" if steps_per_call > 1 else ""} per call')
 
 
 def jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: str = '') -> Row:
@@ -194,7 +203,8 @@ def _jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: s
       batch_sharding=NamedSharding(mesh, PartitionSpec('data'))),
       static_argnames='num_steps', donate_argnums=0, out_shardings=_replicated())
   data_key = jax.random.PRNGKey(1)
-  steps_per_call = trainer.default_steps_per_call(steps_per_epoch)
+  steps_per_call = min(args.steps_per_call or trainer.default_steps_per_call(steps_per_epoch),
+                       steps_per_epoch)
   calls = [min(steps_per_call, steps_per_epoch - s) for s in range(0, steps_per_epoch, steps_per_call)]
   start = time.perf_counter()
   compiled = {n: run.lower(state, device_data, data_key, num_steps=n).compile()
@@ -305,6 +315,8 @@ def parse_args(argv=None):
   parser.add_argument('--epoch', action='store_true',
                       help='also time one end-to-end epoch (without it, no epoch rows of PyTorch either)')
   parser.add_argument('--epoch_dtypes', default='float32', help='JAX compute dtypes of the epoch rows')
+  parser.add_argument('--steps_per_call', type=int, default=0,
+                      help='JAX steps per jitted call (a lax.scan); 0: trainer.default_steps_per_call')
   parser.add_argument('--profile', default='', metavar='DIR',
                       help='trace the first epoch row into DIR and print where its time goes')
   return parser.parse_args(argv)
@@ -329,6 +341,8 @@ def main(argv=None) -> list[Row]:
     rows.append(measure())
     print(common.progress_line(rows[-1]), file=sys.stderr, flush=True)
   header = f'{datetime.date.today()}  {device_kind}  JAX {jax.__version__} ({backend})'
+  if backend == 'cpu':
+    header += f'  XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}'
   if not args.skip_torch:
     more_rows, torch_header = torch_rows(args, backend)
     rows += more_rows

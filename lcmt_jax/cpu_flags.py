@@ -1,0 +1,89 @@
+"""XLA:CPU flags this model needs, set in `XLA_FLAGS` before JAX creates its CPU client.
+
+    from lcmt_jax import cpu_flags  # Before anything creates a JAX array.
+
+Importing the module calls `configure()` once. It adds
+
+    --xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+
+to `XLA_FLAGS`: XLA:CPU (jaxlib 0.10) hands every convolution to YNNPACK by
+default, which runs ConvLarge's convolutions 2-3x slower than XLA's Eigen
+convolutions and its kernel gradients (a convolution over the whole image
+with the batch as feature dimension) 3-6x slower (BENCHMARKS.md, "CPU"). The
+`-` removes only the convolutions from YNNPACK's default list; its reductions
+(the batch-norm means), which beat XLA's own loops 20x, stay. The flag only
+changes how XLA:CPU compiles; GPU compilations ignore it.
+
+It changes nothing when:
+- `XLA_FLAGS` already names `xla_cpu_experimental_ynn_fusion_type` (the
+  user's choice wins);
+- `LCMT_XLA_CPU_FLAGS=0` is in the environment;
+- the installed jaxlib does not know the flag or the fusion type (XLA aborts
+  the process on an unknown flag or value, so each is looked up in jaxlib's
+  shared library first);
+- JAX has already created its backends (flags are read then; a warning says
+  so where the CPU is the only backend).
+"""
+
+import importlib.util
+import mmap
+import os
+import sys
+import warnings
+
+FLAG = 'xla_cpu_experimental_ynn_fusion_type'
+VALUE = '-individual_convolution'
+# What the installed jaxlib must contain for FLAG=VALUE to parse.
+_REQUIRED = (FLAG.encode(), b'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')
+_OPT_OUT = 'LCMT_XLA_CPU_FLAGS'
+
+
+def _jaxlib_knows_flag() -> bool:
+  """Whether jaxlib's XLA library defines FLAG and the fusion type VALUE names."""
+  spec = importlib.util.find_spec('jaxlib')
+  if spec is None or not spec.submodule_search_locations:
+    return False
+  directory = list(spec.submodule_search_locations)[0]
+  for name in ('libjax_common.so', 'xla_extension.so', 'libjax_common.dylib'):
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+      continue
+    try:
+      with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return all(data.find(needle) >= 0 for needle in _REQUIRED)
+    except (OSError, ValueError):
+      return False
+  return False
+
+
+def _initialised_backends() -> dict:
+  """JAX's backends by platform if it created them already, else {}."""
+  if 'jax' not in sys.modules:
+    return {}
+  try:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    return dict(getattr(xla_bridge, '_backends', None) or {})
+  except ImportError:
+    return {}
+
+
+def configure() -> bool:
+  """Adds the flag to `XLA_FLAGS` where it applies (module docstring); True if it did."""
+  current = os.environ.get('XLA_FLAGS', '')
+  if os.environ.get(_OPT_OUT, '1') == '0' or FLAG in current:
+    return False
+  if not _jaxlib_knows_flag():
+    return False
+  backends = _initialised_backends()
+  if backends:
+    if 'cpu' not in backends or any(p in backends for p in ('cuda', 'rocm', 'tpu', 'gpu')):
+      return False  # Nothing to warn about where the model runs on an accelerator.
+    warnings.warn(f'lcmt_jax.cpu_flags imported after JAX created its backends: --{FLAG}={VALUE} '
+                  'not set, CPU convolutions stay on YNNPACK (several times slower). Import '
+                  'lcmt_jax.cpu_flags before anything creates a JAX array.', stacklevel=2)
+    return False
+  os.environ['XLA_FLAGS'] = f'{current} --{FLAG}={VALUE}'.strip()
+  return True
+
+
+APPLIED = configure()
