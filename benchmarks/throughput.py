@@ -7,11 +7,9 @@ Rows (each at the full ConvLarge and a 32 + 128 batch unless flags say otherwise
 - JAX step, float32 and bfloat16 compute (`ConvLarge(dtype=...)`), and
   `float32-highest` (float32 with `jax.default_matmul_precision('highest')`, no
   TF32 on GPUs): `train_step` on one fixed batch already on the device. On an accelerator the timed steps
-  run in one `lax.scan`; on the CPU every step is its own jitted call, as
-  `trainer.default_steps_per_call` has it, unless `--steps_per_call` says
-  otherwise (the `lax.scan` of steps runs at full speed on the CPU too since
-  `models.conv2d` writes its kernel gradient in Eigen's form; BENCHMARKS.md,
-  "CPU").
+  run in one `lax.scan` (on the CPU too, since `models.conv2d` writes its
+  kernel gradient in the form XLA:CPU runs fast inside a loop; BENCHMARKS.md,
+  "CPU"), unless `--steps_per_call` says otherwise.
 - With `--epoch`, JAX epoch rows: one epoch end to end over synthetic uint8
   CIFAR-size data through `trainer.run_steps` (sampling and augmentation inside
   `jit`).
@@ -147,7 +145,7 @@ def _time_calls(fn, state, num_calls: int, warmup_calls: int):
 
 
 def jax_step_row(args, dtype: str) -> Row:
-  """`train_step` on one fixed device batch; a scan of all timed steps off the CPU."""
+  """`train_step` on one fixed device batch, the timed steps in one scan unless told otherwise."""
   with _matmul_precision(dtype):
     return _jax_step_row(args, dtype)
 
@@ -160,7 +158,7 @@ def _jax_step_row(args, dtype: str) -> Row:
            'labels': jnp.asarray(rng.integers(0, 10, args.labeled_batch), jnp.int32),
            'unlabeled_student': images(args.unlabeled_batch),
            'unlabeled_teacher': images(args.unlabeled_batch)}
-  steps_per_call = args.steps_per_call or trainer.default_steps_per_call(args.steps)
+  steps_per_call = args.steps_per_call or args.steps
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=_replicated())
   def run(state, batch):
@@ -203,8 +201,7 @@ def _jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: s
       batch_sharding=NamedSharding(mesh, PartitionSpec('data'))),
       static_argnames='num_steps', donate_argnums=0, out_shardings=_replicated())
   data_key = jax.random.PRNGKey(1)
-  steps_per_call = min(args.steps_per_call or trainer.default_steps_per_call(steps_per_epoch),
-                       steps_per_epoch)
+  steps_per_call = min(args.steps_per_call or steps_per_epoch, steps_per_epoch)
   calls = [min(steps_per_call, steps_per_epoch - s) for s in range(0, steps_per_epoch, steps_per_call)]
   start = time.perf_counter()
   compiled = {n: run.lower(state, device_data, data_key, num_steps=n).compile()
@@ -316,7 +313,7 @@ def parse_args(argv=None):
                       help='also time one end-to-end epoch (without it, no epoch rows of PyTorch either)')
   parser.add_argument('--epoch_dtypes', default='float32', help='JAX compute dtypes of the epoch rows')
   parser.add_argument('--steps_per_call', type=int, default=0,
-                      help='JAX steps per jitted call (a lax.scan); 0: trainer.default_steps_per_call')
+                      help='JAX steps per jitted call (a lax.scan); 0: all timed steps (step rows), an epoch (epoch rows)')
   parser.add_argument('--profile', default='', metavar='DIR',
                       help='trace the first epoch row into DIR and print where its time goes')
   return parser.parse_args(argv)

@@ -105,20 +105,10 @@ def run_steps(state: train_state.TrainState, data: dict[str, jax.Array], data_ke
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return train_state.train_step(state, batch, step_config)
 
-  if num_steps == 1:  # No loop at all: see `default_steps_per_call`.
+  if num_steps == 1:  # A loop of one step would only add the loop.
     state, metrics = one_step(state, None)
     return state, jax.tree.map(lambda x: x[None], metrics)
   return jax.lax.scan(one_step, state, length=num_steps)
-
-
-def default_steps_per_call(steps_per_epoch: int) -> int:
-  """A whole epoch per compiled call on accelerators, one step on the CPU.
-
-  XLA:CPU runs this network's convolutions far slower inside a `while` loop
-  than outside one (a width-32 step: 12 s in a scan, 0.36 s as a plain jitted
-  call, measured on the project's 2-core CPU), so the CPU gets a call per step.
-  """
-  return 1 if jax.default_backend() == 'cpu' else steps_per_epoch
 
 
 def predict(state: train_state.TrainState, images: jax.Array, *, batch_size: int,
@@ -319,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   _record_split(config, workdir, split)
   log = metrics_log.MetricsLog(workdir, resume_after_epoch=loop['epoch'], enabled=lead)
 
-  steps_per_call = config.steps_per_call or default_steps_per_call(steps_per_epoch)
+  steps_per_call = config.steps_per_call or steps_per_epoch
   train_fn = make_train_fn(config, step_config, info, mesh)
   predict_fn = make_predict_fn(config, info, mesh)
   images_per_step = config.labeled_batch_size + (

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from lcmt_jax import models
 
@@ -310,3 +311,58 @@ def test_bfloat16_model_keeps_float32_params_and_close_logits(ddi_variables, ima
   assert np.abs(bf16 - fp32).max() < 0.3 * spread
   assert np.mean(np.argmax(bf16, axis=1) == np.argmax(fp32, axis=1)) >= 0.75
   assert not np.array_equal(bf16, fp32)  # It really computed in bfloat16.
+
+
+def _np_conv_gradients(x, w, padding, out_grad):
+  """Input and kernel gradients of `sum(_np_project(x, w) * out_grad)`, in float64."""
+  x, w, out_grad = (np.asarray(a, np.float64) for a in (x, w, out_grad))
+  kh, kw = w.shape[:2]
+  pad = ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)) if padding == 'SAME' else None
+  padded = np.pad(x, pad) if pad else x
+  out_h, out_w = out_grad.shape[1:3]
+  dx, dw = np.zeros_like(padded), np.zeros_like(w)
+  for i in range(kh):
+    for j in range(kw):
+      window = padded[:, i:i + out_h, j:j + out_w, :]
+      dw[i, j] = np.einsum('nhwi,nhwo->io', window, out_grad)
+      dx[:, i:i + out_h, j:j + out_w, :] += out_grad @ w[i, j].T
+  if pad:
+    dx = dx[:, kh // 2:dx.shape[1] - kh // 2, kw // 2:dx.shape[2] - kw // 2]
+  return dx, dw
+
+
+@pytest.mark.parametrize('kernel_size, padding, shape',
+                         [((3, 3), 'SAME', (3, 6, 5, 4)), ((3, 3), 'VALID', (3, 6, 5, 4)),
+                          ((1, 1), 'SAME', (2, 4, 4, 3))],
+                         ids=['3x3_same', '3x3_valid', '1x1'])
+def test_conv2d_values_and_gradients_match_numpy(kernel_size, padding, shape):
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=shape).astype(np.float32)
+  w = rng.normal(size=(*kernel_size, shape[-1], 5)).astype(np.float32)
+  out, vjp = jax.vjp(lambda a, b: models.conv2d(a, b, padding), x, w)
+  out_grad = rng.normal(size=out.shape).astype(np.float32)
+  dx, dw = vjp(out_grad)
+  np_dx, np_dw = _np_conv_gradients(x, w, padding, out_grad)
+  np.testing.assert_allclose(out, _np_project(x, w, padding), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, np_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, np_dw, rtol=1e-5, atol=1e-5)
+
+
+def _np_max_pool_2x2_gradient(x, out_grad):
+  """Each window's gradient to its first maximum in row-major order (PyTorch's choice)."""
+  dx = np.zeros_like(x)
+  for n, i, j, c in np.ndindex(*out_grad.shape):
+    window = x[n, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c]
+    top, left = np.unravel_index(np.argmax(window), (2, 2))  # argmax: first maximum.
+    dx[n, 2 * i + top, 2 * j + left, c] = out_grad[n, i, j, c]
+  return dx
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 6, 3), (1, 5, 7, 2)], ids=['even', 'odd'])
+def test_max_pool_2x2_matches_flax_and_routes_ties_to_the_first_maximum(shape):
+  # Small integers make many windows hold tied maxima.
+  x = np.random.default_rng(3).integers(0, 3, shape).astype(np.float32)
+  out, vjp = jax.vjp(models.max_pool_2x2, x)
+  out_grad = np.random.default_rng(4).normal(size=out.shape).astype(np.float32)
+  np.testing.assert_array_equal(out, nn.max_pool(jnp.asarray(x), (2, 2), strides=(2, 2)))
+  np.testing.assert_array_equal(vjp(out_grad)[0], _np_max_pool_2x2_gradient(x, out_grad))
