@@ -38,7 +38,7 @@ _REQUIRED = (FLAG.encode(), b'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')
 _OPT_OUT = 'LCMT_XLA_CPU_FLAGS'
 
 
-def _jaxlib_knows_flag() -> bool:
+def jaxlib_knows_flag() -> bool:
   """Whether jaxlib's XLA library defines FLAG and the fusion type VALUE names."""
   spec = importlib.util.find_spec('jaxlib')
   if spec is None or not spec.submodule_search_locations:
@@ -72,7 +72,7 @@ def configure() -> bool:
   current = os.environ.get('XLA_FLAGS', '')
   if os.environ.get(_OPT_OUT, '1') == '0' or FLAG in current:
     return False
-  if not _jaxlib_knows_flag():
+  if not jaxlib_knows_flag():
     return False
   backends = _initialised_backends()
   if backends:

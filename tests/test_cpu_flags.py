@@ -1,0 +1,43 @@
+"""lcmt_jax.cpu_flags: the XLA:CPU flag is added once, before JAX starts, and never over the user's."""
+
+import os
+import warnings
+
+import jax
+import pytest
+
+from lcmt_jax import cpu_flags
+
+SETTING = f'--{cpu_flags.FLAG}={cpu_flags.VALUE}'
+
+
+@pytest.mark.skipif(not cpu_flags.jaxlib_knows_flag(),
+                    reason='the installed jaxlib has no such flag')
+def test_importing_the_package_set_the_flag_before_jax_started():
+  assert cpu_flags.APPLIED
+  assert SETTING in os.environ['XLA_FLAGS'].split()
+  assert jax.devices()  # The backend that read the flag started fine.
+
+
+@pytest.mark.parametrize('environment', [
+    {'XLA_FLAGS': f'--{cpu_flags.FLAG}=default'},
+    {'LCMT_XLA_CPU_FLAGS': '0', 'XLA_FLAGS': ''},
+], ids=['user_flag_wins', 'opt_out'])
+def test_configure_leaves_the_users_choice(monkeypatch, environment):
+  for name, value in environment.items():
+    monkeypatch.setenv(name, value)
+  assert not cpu_flags.configure()
+  assert os.environ['XLA_FLAGS'] == environment['XLA_FLAGS']
+
+
+def test_configure_after_jax_started_warns_instead_of_setting(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '')
+  jax.devices()  # Starts the CPU backend, if nothing had.
+  if jax.default_backend() != 'cpu':
+    pytest.skip('an accelerator runs the model; nothing to warn about')
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    applied = cpu_flags.configure()
+  assert not applied and os.environ['XLA_FLAGS'] == ''
+  assert cpu_flags.jaxlib_knows_flag() == any(
+      'imported after JAX created its backends' in str(w.message) for w in caught)
