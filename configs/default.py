@@ -134,6 +134,10 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
   config.lc_start = 600.0  # First epoch with the LC term (its ramp is 0 there).
   config.lc_rampup = 100.0
   config.lc_threshold = 50.0  # 40 for 2,000 labels (`labels=2000`).
+  # Not in the reference: q in (0, 1) replaces the fixed T by the q-quantile of each
+  # unlabelled batch's pairwise feature distances, a T that follows the features'
+  # scale across widths; 0 keeps the fixed lc_threshold.
+  config.lc_threshold_quantile = 0.0
 
   # Optimiser (REFERENCE.md "Optimiser and schedule").
   config.learning_rate = 0.05
@@ -153,7 +157,7 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
 
   # Loop, evaluation, checkpoints.
   config.seed = 0
-  config.steps_per_call = 0  # Steps per compiled call (lax.scan); 0 = an epoch (1 on CPU).
+  config.steps_per_call = 0  # Steps per compiled call (lax.scan); 0 = an epoch.
   config.eval_every_epochs = 5
   config.eval_batch_size = 500
   config.checkpoint_every_epochs = 5

@@ -80,6 +80,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'lc_start': _number_in(0.0, _INF, high_open=True),
     'lc_rampup': _number_in(0.0, _INF, high_open=True),
     'lc_threshold': _number_in(0.0, _INF, low_open=True, high_open=True),
+    'lc_threshold_quantile': _number_in(0.0, 1.0, high_open=True),
     'learning_rate': _number_in(0.0, _INF, low_open=True, high_open=True),
     'momentum': _number_in(0.0, 1.0, high_open=True),
     'nesterov': _BOOL,

@@ -48,12 +48,24 @@ def pairwise_mean_squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.maximum(squared, 0.0) / a.shape[1]
 
 
-def within_threshold(distances: jax.Array, threshold: float) -> jax.Array:
+def batch_threshold(features: jax.Array, quantile: float) -> jax.Array:
+  """The `quantile` of `d` over the distinct pairs of rows of `features`, as a constant.
+
+  A threshold that follows the features' scale, which a fixed `T` does not:
+  the feature distances of a narrower network, or of the same one later in
+  training, can lie far below or above it (RESULTS.md).
+  """
+  features = jax.lax.stop_gradient(features)
+  d = pairwise_mean_squared_distances(features, features)
+  return jnp.quantile(d[jnp.triu_indices(features.shape[0], k=1)], quantile)
+
+
+def within_threshold(distances: jax.Array, threshold: float | jax.Array) -> jax.Array:
   """The reference's pair mask `d <= T`, as float32 constants (no gradient)."""
   return jax.lax.stop_gradient((distances <= threshold).astype(jnp.float32))
 
 
-def pairwise_clustering_loss(a: jax.Array, b: jax.Array, threshold: float) -> jax.Array:
+def pairwise_clustering_loss(a: jax.Array, b: jax.Array, threshold: float | jax.Array) -> jax.Array:
   """`sum(d * m * exp(-d / T)) / sum(m)` over all pairs of rows of `a` and `b`.
 
   Pulls together the pairs that are already close (`d <= T`), weighting
@@ -68,18 +80,19 @@ def pairwise_clustering_loss(a: jax.Array, b: jax.Array, threshold: float) -> ja
 
 
 def local_clustering_loss(labeled_features: jax.Array, unlabeled_features: jax.Array,
-                          threshold: float) -> jax.Array:
+                          threshold: float | jax.Array) -> jax.Array:
   """`pair(f_l, f_u) + pair(f_u, f_u)`; the second term includes the diagonal `d_ii = 0`."""
   return (pairwise_clustering_loss(labeled_features, unlabeled_features, threshold)
           + pairwise_clustering_loss(unlabeled_features, unlabeled_features, threshold))
 
 
-def fraction_within_threshold(a: jax.Array, b: jax.Array, threshold: float) -> jax.Array:
+def fraction_within_threshold(a: jax.Array, b: jax.Array,
+                              threshold: float | jax.Array) -> jax.Array:
   """Fraction of pairs `(a_i, b_j)` that the clustering loss acts on, a training diagnostic."""
   return jnp.mean(within_threshold(pairwise_mean_squared_distances(a, b), threshold))
 
 
-DISTANCE_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+DISTANCE_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.95)
 
 
 def distance_quantiles(features: jax.Array, max_rows: int = 1000) -> jax.Array:

@@ -51,6 +51,7 @@ class StepConfig:
   lc_start: float
   lc_rampup: float
   lc_threshold: float
+  lc_threshold_quantile: float  # 0: the fixed lc_threshold; else T from each batch.
   ema_decay: float
   joint_forward: bool
   use_unlabeled: bool  # False for the supervised-only baseline.
@@ -70,6 +71,7 @@ class StepConfig:
         lc_start=float(config.lc_start),
         lc_rampup=float(config.lc_rampup),
         lc_threshold=float(config.lc_threshold),
+        lc_threshold_quantile=float(config.lc_threshold_quantile),
         ema_decay=float(config.ema_decay),
         joint_forward=bool(config.joint_forward),
         use_unlabeled=semi_supervised,
@@ -200,7 +202,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
           logits_l, teacher_logits_l, logits_u, teacher_logits_u)
     if cfg.lc_weight:
       with jax.named_scope('local_clustering'):
-        terms['lc_loss'] = losses.local_clustering_loss(feats_l, feats_u, cfg.lc_threshold)
+        terms['lc_loss'] = losses.local_clustering_loss(feats_l, feats_u,
+                                                        lc_threshold(cfg, feats_u))
     total = (terms['ce_loss'] + consistency_weight * terms.get('consistency_loss', 0.0)
              + lc_weight * terms.get('lc_loss', 0.0))
     return total, (terms, logits_l, feats_l, student_u, batch_stats)
@@ -230,10 +233,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   if cfg.lc_weight:
     feats_u = student_u[1]
     with jax.named_scope('local_clustering'):
-      metrics['lc_within_lu'] = losses.fraction_within_threshold(feats_l, feats_u, cfg.lc_threshold)
-      metrics['lc_within_uu'] = losses.fraction_within_threshold(feats_u, feats_u,
-                                                                 cfg.lc_threshold)
+      threshold = lc_threshold(cfg, feats_u)
+      metrics['lc_threshold'] = jnp.asarray(threshold, jnp.float32)
+      metrics['lc_within_lu'] = losses.fraction_within_threshold(feats_l, feats_u, threshold)
+      metrics['lc_within_uu'] = losses.fraction_within_threshold(feats_u, feats_u, threshold)
   return state, metrics
+
+
+def lc_threshold(cfg: StepConfig, unlabeled_features: jax.Array) -> float | jax.Array:
+  """The fixed `T` (the reference), or the configured quantile of this batch's distances."""
+  if cfg.lc_threshold_quantile:
+    return losses.batch_threshold(unlabeled_features, cfg.lc_threshold_quantile)
+  return cfg.lc_threshold
 
 
 def update_teacher(teacher_params: Any, student_params: Any, decay: float) -> Any:

@@ -182,3 +182,13 @@ def test_distance_quantiles_match_numpy_over_distinct_pairs(rows, max_rows):
   expected = np.quantile(pairs, losses.DISTANCE_QUANTILES)
   got = losses.distance_quantiles(jnp.asarray(features), max_rows=max_rows)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('quantile', [0.1, 0.5, 0.93])
+def test_batch_threshold_is_the_quantile_of_distinct_pairs_without_gradient(quantile):
+  features = np.random.default_rng(5).normal(size=(20, 7)).astype(np.float32)
+  pairs = [np.mean((features[i].astype(np.float64) - features[j]) ** 2)
+           for i in range(20) for j in range(i + 1, 20)]
+  threshold, grad = jax.value_and_grad(losses.batch_threshold)(jnp.asarray(features), quantile)
+  np.testing.assert_allclose(threshold, np.quantile(pairs, quantile), rtol=1e-5)
+  np.testing.assert_array_equal(grad, 0.0)

@@ -43,6 +43,7 @@ def _config(**overrides):
       'lc_start': 0,
       'lc_rampup': 3,
       'lc_threshold': 50.0,
+      'lc_threshold_quantile': 0.0,
       'ema_decay': 0.9,
       'joint_forward': False,
       'weight_decay_params': 'all',
@@ -156,7 +157,7 @@ def _oracle_loss(model, params, teacher_params, batch_stats, teacher_batch_stats
            + consistency_weight * losses.consistency_loss(zl, tl, zu, tu)
            + lc_weight * losses.local_clustering_loss(fl, fu, threshold))
   return total, {'student_after_labeled': after_labeled, 'student_after_both': after_both,
-                 'teacher_after_both': teacher_after_both}
+                 'teacher_after_both': teacher_after_both, 'unlabeled_features': fu}
 
 
 @pytest.fixture(scope='module')
@@ -387,6 +388,27 @@ def test_metrics_depend_on_method(initial_state, batch, method, has_consistency,
   assert ('consistency_loss' in metrics) == has_consistency
   assert ('lc_loss' in metrics) == has_lc
   assert ('lc_within_lu' in metrics) == has_lc
+
+
+def test_quantile_threshold_is_that_quantile_of_the_unlabeled_batch(model, initial_state, batch):
+  """`lc_threshold_quantile=q`: T is the q-quantile of the student's distinct unlabelled pairs."""
+  quantile = 0.3
+  config = _config(lc_threshold_quantile=quantile)
+  _, metrics = TRAIN_STEP(initial_state, batch,
+                          train_state.StepConfig.from_config(config, STEPS_PER_EPOCH))
+  oracle_loss = jax.jit(functools.partial(_oracle_loss, model))
+  state = initial_state
+  args = (state.params, state.teacher_params, state.batch_stats, state.teacher_batch_stats, batch,
+          *_hand_weights(0, config))
+  features = np.asarray(oracle_loss(*args, 1.0)[1]['unlabeled_features'], np.float64)
+  pairs = [np.mean((features[i] - features[j]) ** 2)
+           for i in range(N_UNLABELED) for j in range(i + 1, N_UNLABELED)]
+  threshold = np.quantile(pairs, quantile)
+  np.testing.assert_allclose(metrics['lc_threshold'], threshold, rtol=1e-5)
+  np.testing.assert_allclose(metrics['loss'], oracle_loss(*args, threshold)[0], rtol=1e-5)
+  # The diagonal (d_ii = 0) counts among the unlabelled pairs inside T.
+  inside = (N_UNLABELED + 2 * np.sum(np.asarray(pairs) <= threshold)) / N_UNLABELED**2
+  np.testing.assert_allclose(metrics['lc_within_uu'], inside, rtol=1e-6)
 
 
 def test_teacher_init_copy_and_independent(initial_states):
