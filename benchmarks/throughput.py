@@ -124,7 +124,7 @@ def _jax_setup(args, dtype: str, steps_per_epoch: int):
   # sees the same input signature as the warm-up (no recompilation).
   state = jax.jit(functools.partial(train_state.create_train_state, model, tx,
                                     teacher_init='independent'),
-                  out_shardings=_replicated())(jax.random.PRNGKey(0), init_images, init_images)
+                  out_shardings=_replicated())(jax.random.key(0), init_images, init_images)
   return config, step_config, state
 
 
@@ -200,7 +200,7 @@ def _jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: s
       labeled_batch_size=args.labeled_batch, unlabeled_batch_size=args.unlabeled_batch,
       batch_sharding=NamedSharding(mesh, PartitionSpec('data'))),
       static_argnames='num_steps', donate_argnums=0, out_shardings=_replicated())
-  data_key = jax.random.PRNGKey(1)
+  data_key = jax.random.key(1)
   steps_per_call = min(args.steps_per_call or steps_per_epoch, steps_per_epoch)
   calls = [min(steps_per_call, steps_per_epoch - s) for s in range(0, steps_per_epoch, steps_per_call)]
   start = time.perf_counter()

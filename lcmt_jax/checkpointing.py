@@ -1,9 +1,12 @@
-"""Orbax checkpoints of a run: the latest (for resuming) and the best (for reporting).
+"""Orbax checkpoints of a run: one manager keeps the latest (for resuming) and the best.
 
-Each checkpoint holds the whole `TrainState` and a JSON record of the loop's
-own state (epoch, best-so-far), so that resuming continues exactly. Orbax
-writes into a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous checkpoint as the latest complete one.
+Each checkpoint, named by its epoch, holds the whole `TrainState` and a JSON
+record of the loop's own state (epoch, best so far, last evaluation), so a run
+resumes exactly from any of them. A checkpoint saved at a new best carries its
+selection accuracy as an orbax metric; the manager's preservation policy keeps
+the newest checkpoint and the best one and deletes the others once a save has
+completed. Orbax writes into a temporary directory and renames it when
+complete, so a run killed mid-save resumes from the previous complete one.
 """
 
 import os
@@ -25,11 +28,18 @@ class CheckpointMismatchError(CheckpointError):
   """A readable checkpoint whose arrays do not fit the train state this code builds."""
 
 
+def _plain_array(leaf: Any) -> Any:
+  """A typed PRNG key as its key data (how orbax stores it); any other array as it is."""
+  return jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+
+
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """`{'params/conv1a/v': shape, ...}` for a train state or orbax's metadata of one."""
   def name(key):
     return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
-  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
+  def shape(leaf):  # Orbax stores a typed PRNG key as its key data.
+    return tuple(jax.eval_shape(_plain_array, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape)
+  return {'/'.join(name(k) for k in path): shape(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -46,60 +56,72 @@ def _structure_mismatch(stored: Any, target: Any) -> str | None:
   return None
 
 
-class RunCheckpoints:
-  """`workdir/checkpoints/latest` (the newest checkpoint) and `best` (the two newest).
+# The orbax metric of a checkpoint: the selection accuracy where it is a new best, else below
+# any accuracy. New bests strictly increase, so the best-metric checkpoint is unique.
+_METRIC = 'new_best_selection_accuracy'
+_NOT_A_BEST = -1.0
 
-  `best` keeps the previous best too: a run killed after writing a new best but
-  before the `latest` of that epoch resumes from the older `latest`, drops the
-  newer best (`discard_after`) and still has the best its loop state names.
-  """
+
+def _metric(metrics: dict) -> float:
+  return metrics[_METRIC]
+
+
+class RunCheckpoints:
+  """`workdir/checkpoints/<epoch>`: the newest checkpoint and the best, under one manager."""
 
   def __init__(self, workdir: str, read_only: bool = False):
     """`read_only` opens a run for inspection without touching it, even while it trains."""
-    self._managers = {
-        kind: ocp.CheckpointManager(
-            os.path.join(os.path.abspath(workdir), 'checkpoints', kind),
+    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    old = [kind for kind in KINDS if os.path.isdir(os.path.join(directory, kind))]
+    if old:
+      raise CheckpointError(
+          f'{directory} holds checkpoints in the layout of lcmt_jax before one manager kept both '
+          f'kinds ({" and ".join(old)}/): evaluate or resume that run with the version that '
+          'wrote it, or use a new --workdir')
+    self._manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            create=not read_only, read_only=read_only,
             # A save killed midway leaves only a temporary directory: the training
             # process removes it when it starts again.
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=2 if kind == 'best' else 1, create=not read_only,
-                read_only=read_only,
-                cleanup_tmp_directories=not read_only,
-                # Both managers save the same epoch at once; in a multi-process run their
-                # barriers, named after the epoch, would collide without a prefix.
-                multiprocessing_options=ocp.options.MultiprocessingOptions(
-                    barrier_sync_key_prefix=kind)),
-            item_handlers={'state': ocp.StandardCheckpointHandler(),
-                           'loop': ocp.JsonCheckpointHandler()})
-        for kind in KINDS
-    }
+            cleanup_tmp_directories=not read_only,
+            best_fn=_metric, best_mode='max',
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy([
+                ocp.checkpoint_managers.LatestN(n=1),
+                ocp.checkpoint_managers.BestN(get_metric_fn=_metric, n=1),
+            ])),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'loop': ocp.JsonCheckpointHandler()})
 
-  def save(self, kind: str, epoch: int, state: Any, loop_state: dict) -> None:
-    """Starts writing `state` and `loop_state` as checkpoint `epoch` of `kind` (asynchronously)."""
-    self._managers[kind].save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)))
+  def save(self, epoch: int, state: Any, loop_state: dict, new_best: bool) -> None:
+    """Starts writing `state` and `loop_state` as checkpoint `epoch` (asynchronously).
 
-  def discard_after(self, epoch: int) -> None:
-    """Deletes checkpoints newer than `epoch`: those a killed run wrote after its last `latest`.
-
-    The resumed run replays those epochs (deterministically) and saves them again.
+    `new_best`: the evaluation of this epoch is the best so far
+    (`loop_state['best_selection_accuracy']`).
     """
-    for manager in self._managers.values():
-      for newer in [e for e in manager.all_steps() if e > epoch]:
-        manager.delete(newer)
+    metric = loop_state['best_selection_accuracy'] if new_best else _NOT_A_BEST
+    self._manager.save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)),
+        metrics={_METRIC: metric})
 
-  def latest_epoch(self, kind: str) -> int | None:
-    return self._managers[kind].latest_step()
+  def epoch_of(self, kind: str) -> int | None:
+    """The epoch of the `kind` checkpoint ('latest' or 'best'), None where there is none."""
+    if kind == 'latest':
+      return self._manager.latest_step()
+    best = self._manager.best_step()
+    if best is None or self._manager.metrics(best)[_METRIC] == _NOT_A_BEST:
+      return None  # Every checkpoint predates the first evaluation.
+    return best
 
   def restore(self, kind: str, target_state: Any | None = None) -> tuple[Any, dict]:
-    """The newest `kind` checkpoint: `(state, loop_state)`.
+    """The `kind` checkpoint: `(state, loop_state)`.
 
     With `target_state` the state comes back with its structure and
     shardings; without, as a nested dict of arrays on this process's first
     device (for inspection, also of a checkpoint a multi-host run wrote).
     """
-    manager = self._managers[kind]
-    epoch = manager.latest_step()
+    manager = self._manager
+    epoch = self.epoch_of(kind)
     path = manager.directory / str(epoch)
     try:
       stored = manager.item_metadata(epoch).state
@@ -128,12 +150,12 @@ class RunCheckpoints:
           f'checkpoint {path} cannot be read ({type(e).__name__}: '
           f'{str(e).splitlines()[0] if str(e) else ""}); move it away to start that run over, '
           f'or use a new --workdir') from e
+    if target_state is None:  # Plain arrays throughout: a PRNG key as its key data.
+      return jax.tree.map(_plain_array, restored.state), restored.loop
     return restored.state, restored.loop
 
   def wait_until_finished(self) -> None:
-    for manager in self._managers.values():
-      manager.wait_until_finished()
+    self._manager.wait_until_finished()
 
   def close(self) -> None:
-    for manager in self._managers.values():
-      manager.close()
+    self._manager.close()

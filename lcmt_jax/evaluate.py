@@ -99,17 +99,19 @@ def restore_run(workdir: str, kind: str = 'best') -> Evaluable:
   if kind not in checkpointing.KINDS:
     raise CheckpointNotFoundError(f'checkpoint kind {kind!r} is not one of {checkpointing.KINDS}')
   config = load_run_config(workdir)
-  # RunCheckpoints creates missing directories, so look before building it.
-  kind_dir = os.path.join(workdir, 'checkpoints', kind)
-  if not (os.path.isdir(kind_dir) and any(name.isdigit() for name in os.listdir(kind_dir))):
-    raise CheckpointNotFoundError(f'{workdir} has no {kind} checkpoint (looked in {kind_dir}); '
-                                  'train the run first, or pick the other --checkpoint kind')
-  split, data, target, predict_fn = _prepare(config, jax.random.PRNGKey(config.seed))
-  checkpoints = checkpointing.RunCheckpoints(workdir, read_only=True)
+  directory = os.path.join(workdir, 'checkpoints')
+  # Orbax creates a missing directory even for a read-only manager, so look first.
+  checkpoints = (checkpointing.RunCheckpoints(workdir, read_only=True)
+                 if os.path.isdir(directory) else None)
   try:
+    if checkpoints is None or checkpoints.epoch_of(kind) is None:
+      raise CheckpointNotFoundError(f'{workdir} has no {kind} checkpoint (looked in {directory}); '
+                                    'train the run first, or pick the other --checkpoint kind')
+    split, data, target, predict_fn = _prepare(config, jax.random.key(config.seed))
     state, loop = checkpoints.restore(kind, target)
   finally:
-    checkpoints.close()
+    if checkpoints is not None:
+      checkpoints.close()
   description = (f'{workdir}: {kind} checkpoint (epoch {loop["epoch"]}), {config.method} on '
                  f'{config.dataset}, seed {config.seed}')
   return Evaluable(config, split, data, state, predict_fn,
@@ -138,7 +140,7 @@ def import_torch_checkpoint(config: ml_collections.ConfigDict, path: str,
   config = ml_collections.ConfigDict(config.to_dict())
   config.width = int(variables['params']['conv1a']['v'].shape[-1])
   num_classes = int(variables['params']['dense']['v'].shape[-1])
-  split, data, target, predict_fn = _prepare(config, jax.random.PRNGKey(0))
+  split, data, target, predict_fn = _prepare(config, jax.random.key(0))
   if num_classes != split.info.num_classes:
     raise TorchCheckpointError(f'{path} has {num_classes} outputs but {config.dataset} has '
                                f'{split.info.num_classes} classes: pass the matching --config')

@@ -296,15 +296,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   step_config = build_step_config(config, split)
   steps_per_epoch = step_config.steps_per_epoch
-  state_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  state_key, data_key = jax.random.split(jax.random.key(config.seed))
   state = build_state(config, info, data, mesh, step_config, state_key)
 
   lead = distributed.is_lead_process()
   checkpoints = checkpointing.RunCheckpoints(workdir)
   loop = {'epoch': 0, 'best_epoch': 0, 'best_selection_accuracy': -1.0, 'train_seconds': 0.0}
-  if checkpoints.latest_epoch('latest') is not None:
+  if checkpoints.epoch_of('latest') is not None:
     state, loop = checkpoints.restore('latest', state)
-  checkpoints.discard_after(loop['epoch'])
   _record_config(config, workdir, changed_keys)  # Once the checkpoint has proved readable.
   _record_split(config, workdir, split)
   log = metrics_log.MetricsLog(workdir, resume_after_epoch=loop['epoch'], enabled=lead)
@@ -342,19 +341,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           time.perf_counter() - epoch_start)
       log.write(epoch, 'train', record)
 
+      new_best = False
       if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
         evaluation = evaluate_splits(predict_fn, state, data, split)
         log.write(epoch, 'eval', evaluation)
         progress.print(_format_eval(epoch, evaluation))
         selection = evaluation[f'{config.selection}/teacher_accuracy']
-        if selection > loop['best_selection_accuracy']:
+        new_best = selection > loop['best_selection_accuracy']
+        if new_best:
           loop.update(best_epoch=epoch, best_selection_accuracy=selection,
                       best_eval=evaluation)
-          checkpoints.save('best', epoch, state, {**loop, 'epoch': epoch})
         loop['last_eval'] = evaluation
       loop['epoch'] = epoch
-      if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
-        checkpoints.save('latest', epoch, state, loop)
+      if new_best or epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
+        checkpoints.save(epoch, state, loop, new_best)
   finally:
     checkpoints.wait_until_finished()
     checkpoints.close()

@@ -140,7 +140,7 @@ def test_unreadable_config_record(train_cli, workdir):
 
 @pytest.mark.parametrize('damage', ['truncated', 'deleted'])
 def test_corrupt_checkpoint(train_cli, workdir, damage):
-  (checkpoint,) = (workdir / 'checkpoints' / 'latest').iterdir()
+  checkpoint = max((workdir / 'checkpoints').iterdir(), key=lambda p: int(p.name))  # The latest.
   for path in (checkpoint / 'state').rglob('*'):
     if path.is_file() and damage == 'truncated':
       path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 3])
@@ -171,3 +171,15 @@ def test_unknown_flag(train_cli, workdir):
   before = helpers.directory_contents(workdir)
   assert_refused(train_cli(*TINY_COMMAND, '--num_process=2', f'--workdir={workdir}'),
                  'bad command line', workdir, before)
+
+
+def test_checkpoints_in_the_layout_of_an_older_version(train_cli, workdir):
+  """Before one manager kept both kinds, checkpoints lived in checkpoints/latest and best."""
+  old = workdir / 'checkpoints' / 'latest'
+  old.mkdir()
+  for checkpoint in (workdir / 'checkpoints').iterdir():
+    if checkpoint.name.isdigit():
+      checkpoint.rename(old / checkpoint.name)
+  before = helpers.directory_contents(workdir)
+  assert_refused(train_cli(*TINY_COMMAND, '--config.num_epochs=2', f'--workdir={workdir}'),
+                 'in the layout of lcmt_jax before', workdir, before)

@@ -15,6 +15,7 @@ Networks are width 8; every compiled function is compiled once and reused.
 
 import functools
 import importlib
+import os
 
 import flax.linen as nn
 import jax
@@ -273,7 +274,7 @@ def loader_indices():
       'labeled_labels': jnp.arange(NUM_LABELED, dtype=jnp.int32),  # The label is the index.
       'unlabeled_images': jnp.zeros((NUM_UNLABELED, 4, 4, 3), jnp.uint8),
   }
-  key = jax.random.PRNGKey(7)  # The trainer's kind of key.
+  key = jax.random.key(7)  # The trainer's kind of key.
   steps = jnp.arange(EPOCHS * EPOCH_STEPS, dtype=jnp.int32)
 
   @jax.jit
@@ -373,8 +374,11 @@ def _untrained_state(config, info, data, mesh, step_config, key):
       rng=key).replace(step=jnp.int32(0))
 
 
-def _scripted_run(monkeypatch, workdir, config, evaluations):
-  """Runs the real training loop with training stubbed out and `evaluations` as the results."""
+def _scripted_run(monkeypatch, workdir, config, evaluations, first_epoch=1):
+  """Runs the real training loop with training stubbed out and `evaluations` as the results.
+
+  `first_epoch` > 1: the run resumes in `workdir` and evaluates from that epoch on.
+  """
   evaluated_at_step = []
 
   def evaluate(predict_fn, state, data, split):
@@ -390,10 +394,11 @@ def _scripted_run(monkeypatch, workdir, config, evaluations):
   monkeypatch.setattr(trainer, 'run_steps', run_steps)
   monkeypatch.setattr(trainer, 'build_state', _untrained_state)
   summary = trainer.train_and_evaluate(config, str(workdir))
-  steps_per_epoch = evaluated_at_step[0]
-  assert evaluated_at_step == [e * steps_per_epoch for e in range(1, len(evaluations) + 1)]
+  steps_per_epoch = evaluated_at_step[0] // first_epoch
+  assert evaluated_at_step == [e * steps_per_epoch
+                               for e in range(first_epoch, first_epoch + len(evaluations))]
   checkpoints = checkpointing.RunCheckpoints(str(workdir), read_only=True)
-  best_epoch = checkpoints.latest_epoch('best')
+  best_epoch = checkpoints.epoch_of('best')
   best_state, best_loop = checkpoints.restore('best')
   _, latest_loop = checkpoints.restore('latest')
   checkpoints.close()
@@ -422,6 +427,23 @@ def test_best_checkpoint_is_the_best_teacher_test_accuracy(monkeypatch, tmp_path
   assert summary['best/test/student_error'] == pytest.approx(0.9)  # Epoch 2's student.
   assert summary['final/test/teacher_error'] == pytest.approx(0.5)
   assert summary['selection'] == 'test'
+  # Saved: 1 and 2 (new bests), 4 (checkpoint epoch); the policy keeps the best and the newest.
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint_it_saved_before(monkeypatch, tmp_path):
+  """After a restart the manager still knows which checkpoint is the best (its metric is on disk)."""
+  evaluations = [_evaluation(0.3, 0.9), _evaluation(0.6, 0.1), _evaluation(0.4, 0.2),
+                 _evaluation(0.5, 0.95)]
+  config = _selection_config('test')
+  config.num_epochs = 3  # The last epoch is always saved.
+  _scripted_run(monkeypatch, tmp_path, config, evaluations[:3])
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
+  config.num_epochs = 4
+  _, best_epoch, best_state_epoch, best_loop, latest_loop = _scripted_run(
+      monkeypatch, tmp_path, config, evaluations[3:], first_epoch=4)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  assert (best_epoch, best_state_epoch, best_loop['epoch'], latest_loop['best_epoch']) == (2, 2, 2, 2)
 
 
 def test_best_checkpoint_follows_the_validation_split_when_selected(monkeypatch, tmp_path):

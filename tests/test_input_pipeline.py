@@ -169,10 +169,10 @@ def test_sample_batch_shapes_and_independent_views():
 def test_sample_batch_is_a_pure_function_of_key_and_step():
   data = _encoded_data(40, 100)
   sample = jax.jit(input_pipeline.sample_batch, static_argnums=(3, 4, 5))
-  # The trainer's raw uint32 keys, as from jax.random.PRNGKey.
-  first = sample(jax.random.PRNGKey(0), jnp.int32(5), data, _PLAIN, 8, 16)
-  again = sample(jax.random.PRNGKey(0), jnp.int32(5), data, _PLAIN, 8, 16)
-  later = sample(jax.random.PRNGKey(0), jnp.int32(6), data, _PLAIN, 8, 16)
+  # The trainer's kind of key.
+  first = sample(jax.random.key(0), jnp.int32(5), data, _PLAIN, 8, 16)
+  again = sample(jax.random.key(0), jnp.int32(5), data, _PLAIN, 8, 16)
+  later = sample(jax.random.key(0), jnp.int32(6), data, _PLAIN, 8, 16)
   for name in first:
     np.testing.assert_array_equal(first[name], again[name])
   assert not np.array_equal(first['unlabeled_student'], later['unlabeled_student'])
