@@ -21,7 +21,7 @@ Rows (each at the full ConvLarge and a 32 + 128 batch unless flags say otherwise
   back as JSON. With JAX's default preallocation it gets the quarter of the GPU
   that JAX left, far more than this model needs. `--torch_rows` picks the rows.
 
-On the CPU, `lcmt_jax.cpu_flags` (imported first) adds the XLA:CPU flag
+On the CPU, `lcmt_jax.cpu_flags` (run when `lcmt_jax` is imported) adds the XLA:CPU flag
 that keeps convolutions off YNNPACK unless `XLA_FLAGS` sets it already or
 `LCMT_XLA_CPU_FLAGS=0`; the header prints the `XLA_FLAGS` the run used.
 
@@ -54,10 +54,8 @@ import sys
 import tempfile
 import time
 
-from lcmt_jax import cpu_flags  # pylint: disable=unused-import  # Before JAX starts its CPU client.
-
-import jax  # pylint: disable=wrong-import-order
-import jax.numpy as jnp  # pylint: disable=wrong-import-order
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -192,14 +190,10 @@ def jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: st
 
 def _jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: str) -> Row:
   steps_per_epoch = len(data['unlabeled_images']) // args.unlabeled_batch
-  _, step_config, state = _jax_setup(args, dtype, steps_per_epoch)
-  mesh = trainer.make_mesh()
+  config, step_config, state = _jax_setup(args, dtype, steps_per_epoch)
   device_data = jax.device_put(data, _replicated())
-  run = jax.jit(functools.partial(
-      trainer.run_steps, step_config=step_config, info=input_pipeline.DATASETS['cifar10'],
-      labeled_batch_size=args.labeled_batch, unlabeled_batch_size=args.unlabeled_batch,
-      batch_sharding=NamedSharding(mesh, PartitionSpec('data'))),
-      static_argnames='num_steps', donate_argnums=0, out_shardings=_replicated())
+  run = trainer.make_train_fn(config, step_config, input_pipeline.DATASETS['cifar10'],
+                              trainer.make_mesh())
   data_key = jax.random.key(1)
   steps_per_call = min(args.steps_per_call or steps_per_epoch, steps_per_epoch)
   calls = [min(steps_per_call, steps_per_epoch - s) for s in range(0, steps_per_epoch, steps_per_call)]
