@@ -3,8 +3,9 @@
     python -m lcmt_jax.plot --workdir=RUN_A [RUN_B ...] --out=FIGDIR [--tsne] [--checkpoint=best]
 
 `learning_curves.png` overlays every run: each loss term, the fraction of
-pairs inside the local-clustering threshold (`lc_within_lu`, `lc_within_uu`),
-and the student's and teacher's error at each evaluation.
+pairs inside the local-clustering threshold (`lc_within_lu`, `lc_within_uu`)
+and the threshold itself, the student's median pairwise feature distance and
+the student's and teacher's error at each evaluation.
 `pca_<run>.png` (and `tsne_<run>.png` with --tsne) scatter the teacher's
 feature vectors of the test images, coloured by class.
 """
@@ -29,6 +30,9 @@ PANELS = (
     ('train', 'lc_loss', 'local-clustering loss'),
     ('train', 'lc_within_lu', 'LC: labelled-unlabelled pairs within T'),
     ('train', 'lc_within_uu', 'LC: unlabelled-unlabelled pairs within T'),
+    ('train', 'lc_threshold', 'LC threshold T'),
+    ('eval', 'validation/student_distance_q50', 'median feature distance (validation)'),
+    ('eval', 'test/student_distance_q50', 'median feature distance (test)'),
     ('eval', 'test/student_accuracy', 'student test error (%)'),
     ('eval', 'test/teacher_accuracy', 'teacher test error (%)'),
     ('eval', 'validation/student_accuracy', 'student validation error (%)'),
