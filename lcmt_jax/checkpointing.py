@@ -40,7 +40,7 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   def shape(leaf):  # Orbax stores a typed PRNG key as its key data.
     return tuple(jax.eval_shape(_plain_array, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape)
   return {'/'.join(name(k) for k in path): shape(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+          for path, leaf in jax.tree.flatten_with_path(tree)[0]}
 
 
 def _structure_mismatch(stored: Any, target: Any) -> str | None:

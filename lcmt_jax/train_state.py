@@ -97,7 +97,7 @@ def make_optimizer(config: ml_collections.ConfigDict, step_config: StepConfig) -
   """
   mask = None
   if config.weight_decay_params == 'kernels':
-    mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == 'v', params)
+    mask = lambda params: jax.tree.map_with_path(lambda path, _: path[-1].key == 'v', params)
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask=mask),
       optax.sgd(step_config.learning_rate, momentum=config.momentum, nesterov=config.nesterov),

@@ -32,7 +32,7 @@ def _random_variables(module, x, seed, **apply_kwargs):
       return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
     return rng.normal(0.0, 0.5, leaf.shape).astype(np.float32)  # b, running mean
 
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return jax.tree.map_with_path(fill, shapes)
 
 
 def _np_weight(v, g):
@@ -128,7 +128,7 @@ def test_layer_running_mean_moves_with_momentum_0_001(kernel_size, padding, shap
 @pytest.mark.parametrize('kernel_size, padding, shape', LAYER_CASES, ids=LAYER_IDS)
 def test_layer_output_is_invariant_to_scale_of_v(kernel_size, padding, shape, train):
   layer, x, variables = _layer_and_input(kernel_size, padding, shape, seed=3)
-  scaled = jax.tree_util.tree_map(lambda t: t, variables)
+  scaled = jax.tree.map(lambda t: t, variables)
   scaled['params']['v'] = variables['params']['v'] * 3.7
   kwargs = {'train': train, 'mutable': ['batch_stats']} if train else {'train': False}
   y = _apply(layer, variables, x, **kwargs)
@@ -137,7 +137,7 @@ def test_layer_output_is_invariant_to_scale_of_v(kernel_size, padding, shape, tr
     y, y_scaled = y[0], y_scaled[0]
   np.testing.assert_allclose(y_scaled, y, rtol=1e-5, atol=1e-5)
   # The scale g, by contrast, does change the output.
-  rescaled_g = jax.tree_util.tree_map(lambda t: t, variables)
+  rescaled_g = jax.tree.map(lambda t: t, variables)
   rescaled_g['params']['g'] = variables['params']['g'] * 3.7
   y_g = _apply(layer, rescaled_g, x, **kwargs)
   assert not np.allclose(y_g[0] if train else y_g, y, atol=1e-3)
@@ -187,11 +187,11 @@ def model():
 def variables(model, images):
   variables = _random_variables(model, images[:1], seed=11)
   # Start from REFERENCE.md's initial values: g = 1, b = 0, running means 0.
-  params = jax.tree_util.tree_map_with_path(
+  params = jax.tree.map_with_path(
       lambda p, t: {'v': t, 'g': np.ones_like(t), 'b': np.zeros_like(t)}[p[-1].key],
       variables['params'])
   return {'params': params,
-          'batch_stats': jax.tree_util.tree_map(np.zeros_like, variables['batch_stats'])}
+          'batch_stats': jax.tree.map(np.zeros_like, variables['batch_stats'])}
 
 
 @pytest.fixture(scope='module')
@@ -249,23 +249,23 @@ def test_parameter_count_at_width_128():
 
   shapes = jax.eval_shape(functools.partial(models.init_variables, models.ConvLarge()),
                           jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
-  got_shapes = jax.tree_util.tree_map(lambda t: t.shape, shapes['params'])
+  got_shapes = jax.tree.map(lambda t: t.shape, shapes['params'])
   assert got_shapes == expected_shapes
-  count = sum(np.prod(t.shape) for t in jax.tree_util.tree_leaves(shapes['params']))
+  count = sum(np.prod(t.shape) for t in jax.tree.leaves(shapes['params']))
   assert count == expected
   assert round(count / 1e6, 1) == 3.1
   assert set(shapes['batch_stats']) == set(LAYERS)
 
 
 def test_features_are_the_pooled_input_of_the_dense_layer(model, ddi_variables, images):
-  variables = jax.tree_util.tree_map(lambda t: t, ddi_variables)
+  variables = jax.tree.map(lambda t: t, ddi_variables)
   variables['batch_stats']['dense']['mean'] = np.linspace(-0.3, 0.4, 10).astype(np.float32)
   logits, features, batch_stats = jax.jit(functools.partial(
       models.apply_with_features, model.apply, train=False))(variables, images)
   assert features.shape == (images.shape[0], WIDTH)
   # Eval mode hands back the running means unchanged.
-  assert jax.tree_util.tree_all(
-      jax.tree_util.tree_map(np.array_equal, batch_stats, variables['batch_stats']))
+  assert jax.tree.all(
+      jax.tree.map(np.array_equal, batch_stats, variables['batch_stats']))
 
   _, state = jax.jit(functools.partial(
       model.apply, train=False, mutable=['intermediates'],
@@ -297,7 +297,7 @@ def test_bfloat16_model_keeps_float32_params_and_close_logits(ddi_variables, ima
   bf16_model = models.ConvLarge(width=WIDTH, dropout_rate=0.0, dtype=jnp.bfloat16)
   shapes = jax.eval_shape(functools.partial(models.init_variables, bf16_model),
                           jax.random.key(0), images[:2])
-  assert {t.dtype for t in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype(jnp.float32)}
+  assert {t.dtype for t in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
 
   fp32_model = models.ConvLarge(width=WIDTH, dropout_rate=0.0)
   fp32 = jax.jit(functools.partial(fp32_model.apply, train=False))(ddi_variables, images)

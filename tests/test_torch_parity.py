@@ -107,7 +107,7 @@ def _torch_model(variables=None):
 
 
 def _numpy_tree(tree):
-  return jax.tree_util.tree_map(np.asarray, tree)
+  return jax.tree.map(np.asarray, tree)
 
 
 def _initialised_jax_variables(seed):
@@ -116,7 +116,7 @@ def _initialised_jax_variables(seed):
   variables = models.data_dependent_init(model, models.init_variables(model, _key(seed), images),
                                          images, _key(seed + 1))
   rng = np.random.default_rng(seed)
-  batch_stats = jax.tree_util.tree_map(
+  batch_stats = jax.tree.map(
       lambda m: rng.normal(0.0, 0.2, m.shape).astype(np.float32), variables['batch_stats'])
   return _numpy_tree({**variables, 'batch_stats': batch_stats})
 
@@ -418,8 +418,8 @@ def _torch_training(state, hparams):
 def _recorded_gradients() -> optax.GradientTransformation:
   """An "optimiser" that leaves the parameters alone and keeps the last gradient as its state."""
   return optax.GradientTransformation(
-      init=lambda params: jax.tree_util.tree_map(jnp.zeros_like, params),
-      update=lambda grads, state, params=None: (jax.tree_util.tree_map(jnp.zeros_like, grads),
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads),
                                                 grads))
 
 
@@ -494,7 +494,7 @@ def test_optimizer_matches_torch_sgd():
   params, opt_state = variables['params'], tx.init(variables['params'])
   rng = np.random.default_rng(0)
   for step in range(NUM_STEPS):
-    grads = jax.tree_util.tree_map(
+    grads = jax.tree.map(
         lambda p: rng.normal(0.0, 0.1, p.shape).astype(np.float32), params)
     shared = ({'params': params, 'batch_stats': batch_stats},
               _momentum(opt_state, batch_stats), _reference_params(grads, batch_stats),

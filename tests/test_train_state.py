@@ -75,12 +75,12 @@ def _hand_weights(step, config, steps_per_epoch=STEPS_PER_EPOCH):
 
 
 def _np_tree(tree):
-  return jax.tree_util.tree_map(lambda t: np.asarray(t, np.float64), tree)
+  return jax.tree.map(lambda t: np.asarray(t, np.float64), tree)
 
 
 def _leaves_with_names(tree):
   return [(jax.tree_util.keystr(path), np.asarray(leaf))
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+          for path, leaf in jax.tree.leaves_with_path(tree)]
 
 
 @pytest.fixture(scope='module')
@@ -199,13 +199,13 @@ def test_make_optimizer_is_torch_sgd_nesterov_with_coupled_decay(weight_decay_pa
   params = {'layer': {'v': rng.normal(size=(3, 2)).astype(np.float32),
                       'g': rng.uniform(1, 2, size=2).astype(np.float32),
                       'b': rng.normal(size=2).astype(np.float32)}}
-  grads = [jax.tree_util.tree_map(lambda p: rng.normal(scale=0.1, size=p.shape).astype(np.float32),
+  grads = [jax.tree.map(lambda p: rng.normal(scale=0.1, size=p.shape).astype(np.float32),
                                   params) for _ in range(3)]
 
   state, current = tx.init(params), params
   for g in grads:
     updates, state = tx.update(g, state, current)
-    current = jax.tree_util.tree_map(lambda p, u: p + u, current, updates)
+    current = jax.tree.map(lambda p, u: p + u, current, updates)
 
   # One step per epoch: epochs 1, 2, 3 give lr 0.05, 0.05 and 0.05 * (5 - 3) / 3.
   lrs = [0.05, 0.05, 0.05 * 2 / 3]
@@ -225,7 +225,7 @@ def test_weight_decay_on_kernels_only_leaves_g_and_b_alone():
   tx = train_state.make_optimizer(config, train_state.StepConfig.from_config(config, 1))
   params = {'conv': {'v': np.ones((3, 3, 2, 4), np.float32), 'g': np.ones(4, np.float32),
                      'b': np.ones(4, np.float32)}}
-  zero_grads = jax.tree_util.tree_map(np.zeros_like, params)
+  zero_grads = jax.tree.map(np.zeros_like, params)
   updates, _ = tx.update(zero_grads, tx.init(params), params)
   assert np.all(np.asarray(updates['conv']['v']) < 0)
   np.testing.assert_array_equal(updates['conv']['g'], 0.0)
@@ -286,7 +286,7 @@ def test_teacher_receives_no_gradient(initial_states, batch, step_config):
 def test_teacher_is_ema_of_updated_student(trajectory, config):
   states, _ = trajectory
   for before, after in zip(states[:2], states[1:3]):
-    expected = jax.tree_util.tree_map(
+    expected = jax.tree.map(
         lambda t, s: config.ema_decay * t + (1 - config.ema_decay) * s,
         _np_tree(before.teacher_params), _np_tree(after.params))
     for (name, got), (_, want) in zip(_leaves_with_names(after.teacher_params),
