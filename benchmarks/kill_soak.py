@@ -111,8 +111,8 @@ def main() -> int:
   epoch_seconds = _uninterrupted(_command(args.epochs, reference), reference)
   startup = _startup_seconds(_command(args.epochs, os.path.join(root, 'timing')),
                              os.path.join(root, 'timing'))
-  print(f'a start reaches its first epoch record in {startup:.1f} s (cache warm), then {epoch_seconds:.1f} s '
-        f'per epoch; {args.kills} kills, seed {args.seed}', flush=True)
+  print(f'a start reaches its first epoch record in {startup:.1f} s (cache warm), then '
+        f'{epoch_seconds:.1f} s per epoch; {args.kills} kills, seed {args.seed}', flush=True)
 
   rng = np.random.default_rng(args.seed)
   kills = during_saves = 0
