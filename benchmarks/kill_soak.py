@@ -62,9 +62,10 @@ def _records(workdir: str) -> int:
     return sum(1 for line in f if '"kind": "train"' in line)
 
 
-def _saving(workdir: str) -> bool:
+def _temporary_checkpoints(workdir: str) -> set[str]:
   directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(_TMP_MARK in name for name in os.listdir(directory))
+  return {name for name in os.listdir(directory) if _TMP_MARK in name} if os.path.isdir(
+      directory) else set()
 
 
 def _uninterrupted(command: list[str], workdir: str) -> float:
@@ -93,8 +94,8 @@ def _startup_seconds(command: list[str], workdir: str) -> float:
   return time.perf_counter() - start
 
 
-def _wait_for_save(process: subprocess.Popen, workdir: str) -> None:
-  while process.poll() is None and not _saving(workdir):
+def _wait_for_save(process: subprocess.Popen, workdir: str, leftover: set[str]) -> None:
+  while process.poll() is None and not _temporary_checkpoints(workdir) - leftover:
     time.sleep(0.001)
 
 
@@ -118,17 +119,19 @@ def main() -> int:
   kills = during_saves = 0
   while kills < args.kills:
     before = _records(soaked)
+    # A killed save leaves its temporary directory until the next start removes it.
+    leftover = _temporary_checkpoints(soaked)
     process = _start(_command(args.epochs, soaked))
     start = time.perf_counter()
     if kills % 3 == 2:
-      _wait_for_save(process, soaked)
+      _wait_for_save(process, soaked, leftover)
       time.sleep(rng.uniform(0.0, 0.01))
     else:
       time.sleep(rng.uniform(0.0, startup + 1.5 * epoch_seconds))
     if process.poll() is not None:
       print(f'start {kills + 1}: the run finished before the kill', flush=True)
       break
-    saving = _saving(soaked)
+    saving = bool(_temporary_checkpoints(soaked) - leftover)
     process.send_signal(signal.SIGKILL)
     process.wait()
     kills += 1
