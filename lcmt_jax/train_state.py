@@ -202,8 +202,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
           logits_l, teacher_logits_l, logits_u, teacher_logits_u)
     if cfg.lc_weight:
       with jax.named_scope('local_clustering'):
-        terms['lc_loss'] = losses.local_clustering_loss(feats_l, feats_u,
-                                                        lc_threshold(cfg, feats_u))
+        # Recorded with the terms, so the diagnostics below reuse it (a constant).
+        terms['lc_threshold'] = jnp.asarray(lc_threshold(cfg, feats_u), jnp.float32)
+        terms['lc_loss'] = losses.local_clustering_loss(feats_l, feats_u, terms['lc_threshold'])
     total = (terms['ce_loss'] + consistency_weight * terms.get('consistency_loss', 0.0)
              + lc_weight * terms.get('lc_loss', 0.0))
     return total, (terms, logits_l, feats_l, student_u, batch_stats)
@@ -233,8 +234,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   if cfg.lc_weight:
     feats_u = student_u[1]
     with jax.named_scope('local_clustering'):
-      threshold = lc_threshold(cfg, feats_u)
-      metrics['lc_threshold'] = jnp.asarray(threshold, jnp.float32)
+      threshold = terms['lc_threshold']
       metrics['lc_within_lu'] = losses.fraction_within_threshold(feats_l, feats_u, threshold)
       metrics['lc_within_uu'] = losses.fraction_within_threshold(feats_u, feats_u, threshold)
   return state, metrics
