@@ -1,4 +1,4 @@
-"""Fixtures shared by several test modules, and the suite's persistent compilation cache."""
+"""Fixtures shared by several test modules, and the suite's compilation settings."""
 
 import os
 import sys
@@ -12,16 +12,39 @@ from lcmt_jax import data_sources
 # The suite compiles the same tiny train steps in many tests and in the subprocesses
 # they start; a persistent cache (inherited by subprocesses through the environment)
 # compiles each once per machine. Set JAX_COMPILATION_CACHE_DIR to move or share it.
-_CACHE_SETTINGS = {
+# Most tests check behaviour (files, resumes, messages, runs equal to each other), not
+# float values, and compile much faster with XLA's optimisations off, as the flax
+# examples' tests run; the modules marked `numerics` compare against oracles at tolerances
+# measured on optimised code (`pytestmark = pytest.mark.numerics`, a module-level mark)
+# and switch them back on (`_optimised_for_numerics`).
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the whole suite optimised.
+_SETTINGS = {
     'jax_compilation_cache_dir': os.environ.setdefault(
         'JAX_COMPILATION_CACHE_DIR',
         os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.pytest_cache',
                      'jax_compilation_cache')),
     'jax_persistent_cache_min_compile_time_secs': float(os.environ.setdefault(
         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')),
+    'jax_disable_most_optimizations': os.environ.setdefault(
+        'JAX_DISABLE_MOST_OPTIMIZATIONS', '1').lower() in ('1', 'true', 'yes', 'on'),
 }
-for _name, _value in _CACHE_SETTINGS.items():
+for _name, _value in _SETTINGS.items():
   jax.config.update(_name, _value)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _optimised_for_numerics(request):
+  """XLA's optimisations on while a module marked `numerics` runs, if the suite turned them off."""
+  if request.node.get_closest_marker('numerics') is None or not _SETTINGS[
+      'jax_disable_most_optimizations']:
+    yield
+    return
+  jax.config.update('jax_disable_most_optimizations', False)
+  jax.clear_caches()  # The flag is not part of jit's cache key: drop the unoptimised executables.
+  yield
+  jax.config.update('jax_disable_most_optimizations', True)
+  jax.clear_caches()
+
 
 _CIFAR10_FILES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
 _CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',

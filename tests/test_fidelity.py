@@ -32,6 +32,8 @@ from lcmt_jax import models
 from lcmt_jax import train_state
 from lcmt_jax import trainer
 
+pytestmark = pytest.mark.numerics
+
 LAYERS = ('conv1a', 'conv1b', 'conv1c', 'conv2a', 'conv2b', 'conv2c', 'conv3a', 'conv3b',
           'conv3c', 'dense')
 WIDTH = 8

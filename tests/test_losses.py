@@ -7,6 +7,8 @@ import pytest
 
 from lcmt_jax import losses
 
+pytestmark = pytest.mark.numerics
+
 
 def _np_pair_loss(a, b, threshold, include_diagonal=True):
   """REFERENCE.md `pair(A, B)` as a plain double loop, in float64."""

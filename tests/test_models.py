@@ -10,6 +10,8 @@ from flax import linen as nn
 
 from lcmt_jax import models
 
+pytestmark = pytest.mark.numerics
+
 LAYERS = ('conv1a', 'conv1b', 'conv1c', 'conv2a', 'conv2b', 'conv2c', 'conv3a', 'conv3b',
           'conv3c', 'dense')
 WIDTH = 8

@@ -13,6 +13,8 @@ from lcmt_jax import configuration
 from lcmt_jax import schedules
 from lcmt_jax import train_state
 
+pytestmark = pytest.mark.numerics
+
 
 def _ramp(t, length):
   """REFERENCE.md `ramp(t, L)`."""

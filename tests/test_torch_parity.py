@@ -47,6 +47,8 @@ from lcmt_jax import schedules  # pylint: disable=wrong-import-position
 from lcmt_jax import torch_import  # pylint: disable=wrong-import-position
 from lcmt_jax import train_state  # pylint: disable=wrong-import-position
 
+pytestmark = pytest.mark.numerics
+
 WIDTH, N_LABELED, N_UNLABELED, SIZE = 8, 8, 16, 32
 STEPS_PER_EPOCH = 2  # Ten steps span epochs 1-5: every ramp and the lr decay move.
 NUM_STEPS = 10

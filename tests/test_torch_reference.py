@@ -10,6 +10,8 @@ torch = pytest.importorskip(
 
 from benchmarks import torch_reference as ref  # pylint: disable=wrong-import-position
 
+pytestmark = pytest.mark.numerics
+
 CONV_INDICES = (1, 3, 5, 9, 11, 13, 17, 19, 21)
 
 

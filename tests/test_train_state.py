@@ -19,6 +19,8 @@ from lcmt_jax import losses
 from lcmt_jax import models
 from lcmt_jax import train_state
 
+pytestmark = pytest.mark.numerics
+
 N_LABELED, N_UNLABELED, SIZE = 8, 16, 16
 # Long epochs keep the trajectory's 15 steps in epoch 1, where the objective is fixed.
 STEPS_PER_EPOCH = 100

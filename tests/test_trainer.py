@@ -138,8 +138,14 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
 
     assert jax.device_count() == 4
     one, four = run(jax.devices()[:1]), run(jax.devices())
+    # The fractions of pairs inside the hard LC threshold move by whole pairs where a
+    # distance sits within float32 rounding of it: compared in pairs, apart from the rest.
+    pairs = {'lc_within_lu': config.labeled_batch_size * config.unlabeled_batch_size,
+             'lc_within_uu': config.unlabeled_batch_size**2}
+    flipped = max(float(np.max(np.abs(one[3].pop(k) - four[3].pop(k)))) * n
+                  for k, n in pairs.items())
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one, four)
-    print('MAXDIFF', max(jax.tree.leaves(diffs)))
+    print('MAXDIFF', max(jax.tree.leaves(diffs)), 'PAIRS', flipped)
 ''')
 
 
@@ -150,9 +156,12 @@ def test_four_devices_equal_one_device():
   result = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  max_diff = float(result.stdout.split('MAXDIFF')[1])
-  # Same global batch, so the same computation up to the order of float32 sums.
+  max_diff, flipped_pairs = map(float, result.stdout.split('MAXDIFF')[1].split('PAIRS'))
+  # Same global batch, so the same computation up to the order of float32 sums; that order
+  # can move a pair across the LC threshold (seen unoptimised: one pair, two of the 128 x 128
+  # ordered pairs), which changes the fraction by more than 1e-4.
   assert max_diff < 1e-4
+  assert flipped_pairs <= 4
 
 
 def test_divergence_stops_with_step_and_term_and_keeps_checkpoints(tmp_path):
