@@ -62,8 +62,6 @@ def run_jax(args) -> None:
   from lcmt_jax import cpu_flags  # pylint: disable=import-outside-toplevel,unused-import
   import glob  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   from benchmarks import profile_summary  # pylint: disable=import-outside-toplevel
   from benchmarks import throughput  # pylint: disable=import-outside-toplevel
   from lcmt_jax import train_state  # pylint: disable=import-outside-toplevel
@@ -71,15 +69,9 @@ def run_jax(args) -> None:
   bench_args = throughput.parse_args(['--width', str(args.width), '--labeled_batch',
                                       str(args.labeled_batch), '--unlabeled_batch',
                                       str(args.unlabeled_batch)])
-  _, step_config, state = throughput._jax_setup(  # pylint: disable=protected-access
-      bench_args, 'float32', 46_000 // args.unlabeled_batch)
-  rng = np.random.default_rng(1)
-  images = lambda n: jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
-  batch = {'labeled_student': images(args.labeled_batch),
-           'labeled_teacher': images(args.labeled_batch),
-           'labels': jnp.asarray(rng.integers(0, 10, args.labeled_batch), jnp.int32),
-           'unlabeled_student': images(args.unlabeled_batch),
-           'unlabeled_teacher': images(args.unlabeled_batch)}
+  _, step_config, state = throughput.jax_setup(bench_args, 'float32',
+                                               46_000 // args.unlabeled_batch)
+  batch = throughput.random_step_batch(bench_args)
   step = jax.jit(lambda s, b: train_state.train_step(s, b, step_config)[0], donate_argnums=0)
   compiled = step.lower(state, batch).compile()
   os.makedirs(args.dir, exist_ok=True)

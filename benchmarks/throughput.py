@@ -109,7 +109,8 @@ def _matmul_precision(dtype: str):
   return jax.default_matmul_precision('highest' if dtype.endswith('-highest') else None)
 
 
-def _jax_setup(args, dtype: str, steps_per_epoch: int):
+def jax_setup(args, dtype: str, steps_per_epoch: int):
+  """The benchmark's config, step config and a replicated initial state (the CPU profile's too)."""
   config = default_config.get_config()
   config.update(width=args.width, labeled_batch_size=args.labeled_batch,
                 unlabeled_batch_size=args.unlabeled_batch, compute_dtype=dtype.split('-')[0])
@@ -124,6 +125,17 @@ def _jax_setup(args, dtype: str, steps_per_epoch: int):
                                     teacher_init='independent'),
                   out_shardings=_replicated())(jax.random.key(0), init_images, init_images)
   return config, step_config, state
+
+
+def random_step_batch(args) -> dict[str, jax.Array]:
+  """One `train_step` batch of random images and labels in the benchmark's batch sizes."""
+  rng = np.random.default_rng(1)
+  images = lambda n: jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
+  return {'labeled_student': images(args.labeled_batch),
+          'labeled_teacher': images(args.labeled_batch),
+          'labels': jnp.asarray(rng.integers(0, 10, args.labeled_batch), jnp.int32),
+          'unlabeled_student': images(args.unlabeled_batch),
+          'unlabeled_teacher': images(args.unlabeled_batch)}
 
 
 def _replicated() -> NamedSharding:
@@ -149,13 +161,8 @@ def jax_step_row(args, dtype: str) -> Row:
 
 
 def _jax_step_row(args, dtype: str) -> Row:
-  _, step_config, state = _jax_setup(args, dtype, common.CIFAR10_UNLABELED // args.unlabeled_batch)
-  rng = np.random.default_rng(1)
-  images = lambda n: jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32)  # pylint: disable=unnecessary-lambda-assignment
-  batch = {'labeled_student': images(args.labeled_batch), 'labeled_teacher': images(args.labeled_batch),
-           'labels': jnp.asarray(rng.integers(0, 10, args.labeled_batch), jnp.int32),
-           'unlabeled_student': images(args.unlabeled_batch),
-           'unlabeled_teacher': images(args.unlabeled_batch)}
+  _, step_config, state = jax_setup(args, dtype, common.CIFAR10_UNLABELED // args.unlabeled_batch)
+  batch = random_step_batch(args)
   steps_per_call = args.steps_per_call or args.steps
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=_replicated())
@@ -190,7 +197,7 @@ def jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: st
 
 def _jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: str) -> Row:
   steps_per_epoch = len(data['unlabeled_images']) // args.unlabeled_batch
-  config, step_config, state = _jax_setup(args, dtype, steps_per_epoch)
+  config, step_config, state = jax_setup(args, dtype, steps_per_epoch)
   device_data = jax.device_put(data, _replicated())
   run = trainer.make_train_fn(config, step_config, input_pipeline.DATASETS['cifar10'],
                               trainer.make_mesh())
