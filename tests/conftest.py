@@ -35,8 +35,8 @@ for _name, _value in _SETTINGS.items():
 @pytest.fixture(autouse=True, scope='module')
 def _optimised_for_numerics(request):
   """XLA's optimisations on while a module marked `numerics` runs, if the suite turned them off."""
-  if request.node.get_closest_marker('numerics') is None or not _SETTINGS[
-      'jax_disable_most_optimizations']:
+  unoptimised = _SETTINGS['jax_disable_most_optimizations']
+  if not unoptimised or request.node.get_closest_marker('numerics') is None:
     yield
     return
   jax.config.update('jax_disable_most_optimizations', False)
