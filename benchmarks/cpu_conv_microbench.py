@@ -1,6 +1,7 @@
 """One ConvLarge convolution at a time: forward, input gradient and kernel gradient, JAX and PyTorch.
 
     python -m benchmarks.cpu_conv_microbench --width 32 --batch 128 [--conv lax] [--repeats 3]
+        [--dtype bfloat16]
 
 For every convolution of the network (`LAYERS`) at `--width` and `--batch`,
 times under `jax.jit` the forward `conv(x, w)`, the input gradient (the VJP
@@ -19,7 +20,9 @@ before and after.
 
 `--conv` picks the JAX convolution: `models` (`models.conv2d`, what the model
 uses, whose VJP writes the kernel gradient in the form XLA:CPU gives to Eigen)
-or `lax` (`lax.conv_general_dilated` and JAX's own transpose rules).
+or `lax` (`lax.conv_general_dilated` and JAX's own transpose rules). `--dtype`
+sets the arrays' type in both frameworks (bfloat16: what the CPU's AMX units
+multiply).
 """
 
 import argparse
@@ -59,7 +62,7 @@ def _time(fn, min_seconds: float = 0.3, max_calls: int = 20) -> float:
   return (time.perf_counter() - start) / calls
 
 
-def run_jax(width: int, batch: int, conv_kind: str) -> dict:
+def run_jax(width: int, batch: int, conv_kind: str, dtype: str) -> dict:
   from lcmt_jax import cpu_flags  # pylint: disable=import-outside-toplevel,unused-import
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -67,8 +70,8 @@ def run_jax(width: int, batch: int, conv_kind: str) -> dict:
   rng = np.random.default_rng(0)
   out = {}
   for name, size, k, pad, cin, cout in shapes(width):
-    x = jax.numpy.asarray(rng.normal(size=(batch, size, size, cin)), jax.numpy.float32)
-    w = jax.numpy.asarray(rng.normal(size=(k, k, cin, cout)), jax.numpy.float32)
+    x = jax.numpy.asarray(rng.normal(size=(batch, size, size, cin)), dtype)
+    w = jax.numpy.asarray(rng.normal(size=(k, k, cin, cout)), dtype)
     padding = 'SAME' if pad else 'VALID'
     if conv_kind == 'models':
       conv = lambda x, w, padding=padding: models.conv2d(x, w, padding)  # pylint: disable=unnecessary-lambda-assignment
@@ -76,7 +79,7 @@ def run_jax(width: int, batch: int, conv_kind: str) -> dict:
       conv = lambda x, w, padding=padding: jax.lax.conv_general_dilated(  # pylint: disable=unnecessary-lambda-assignment
           x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     y = conv(x, w)
-    g = jax.numpy.asarray(rng.normal(size=y.shape), jax.numpy.float32)
+    g = jax.numpy.asarray(rng.normal(size=y.shape), dtype)
     fwd = jax.jit(conv)
     dx = jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     dw = jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
@@ -86,7 +89,7 @@ def run_jax(width: int, batch: int, conv_kind: str) -> dict:
   return out
 
 
-def run_torch(width: int, batch: int, threads: int) -> dict:
+def run_torch(width: int, batch: int, threads: int, dtype: str) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
@@ -95,8 +98,8 @@ def run_torch(width: int, batch: int, threads: int) -> dict:
   out = {}
   with torch.no_grad():
     for name, size, k, pad, cin, cout in shapes(width):
-      x = torch.as_tensor(rng.normal(size=(batch, cin, size, size)), dtype=torch.float32)
-      w = torch.as_tensor(rng.normal(size=(cout, cin, k, k)), dtype=torch.float32)
+      x = torch.as_tensor(rng.normal(size=(batch, cin, size, size)), dtype=getattr(torch, dtype))
+      w = torch.as_tensor(rng.normal(size=(cout, cin, k, k)), dtype=getattr(torch, dtype))
       y = F.conv2d(x, w, padding=pad)
       g = torch.randn_like(y)
 
@@ -116,19 +119,20 @@ def main(argv=None) -> None:
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--xla_flags', default=None, help='XLA_FLAGS of the JAX processes')
   parser.add_argument('--conv', choices=('models', 'lax'), default='models')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
   parser.add_argument('--torch_threads', type=int, default=os.cpu_count())
   parser.add_argument('--skip_torch', action='store_true')
   parser.add_argument('--framework', choices=('jax', 'torch'), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.framework:
-    result = (run_jax(args.width, args.batch, args.conv) if args.framework == 'jax'
-              else run_torch(args.width, args.batch, args.torch_threads))
+    result = (run_jax(args.width, args.batch, args.conv, args.dtype) if args.framework == 'jax'
+              else run_torch(args.width, args.batch, args.torch_threads, args.dtype))
     print(json.dumps(result))
     return
   load_before = os.getloadavg()[0]
   runs = {'jax': [], 'torch': []}
   base = [sys.executable, '-m', 'benchmarks.cpu_conv_microbench', '--width', str(args.width),
-          '--batch', str(args.batch), '--conv', args.conv,
+          '--batch', str(args.batch), '--conv', args.conv, '--dtype', args.dtype,
           '--torch_threads', str(args.torch_threads)]
   for _ in range(args.repeats):
     for framework in ('jax',) if args.skip_torch else ('jax', 'torch'):
@@ -139,7 +143,8 @@ def main(argv=None) -> None:
                             capture_output=True, text=True).stdout
       runs[framework].append(json.loads(text.strip().splitlines()[-1]))
   print(f'width {args.width}, batch {args.batch}, XLA_FLAGS={args.xla_flags!r}, '
-        f'LCMT_XLA_CPU_FLAGS={os.environ.get("LCMT_XLA_CPU_FLAGS", "")!r}, conv {args.conv}, median '
+        f'LCMT_XLA_CPU_FLAGS={os.environ.get("LCMT_XLA_CPU_FLAGS", "")!r}, conv {args.conv}, '
+        f'{args.dtype}, median '
         f'of {args.repeats}, 1-min load {load_before:.2f} before, {os.getloadavg()[0]:.2f} after')
   print(f'{"layer":8} {"part":12} {"JAX ms":>9} {"GFLOP/s":>8} {"torch ms":>9} {"GFLOP/s":>8} '
         f'{"JAX/torch time":>15}')

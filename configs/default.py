@@ -109,7 +109,9 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
   # data_dir; '' means tfds's default (~/tensorflow_datasets).
   config.data_dir = ''
   config.cache_dir = ''  # Decoded image-folder cache; '' = data_dir/.lcmt_jax_cache.
-  config.image_size = 32  # Image folders: every image must be this many pixels square.
+  # Image folders: every image must be this many pixels square. The 8x8 digits are enlarged
+  # to it (a multiple of 8); CIFAR-10 and SVHN are 32.
+  config.image_size = 32
   config.random_flip = config_dict.placeholder(bool)  # None = the data set's (image folders: on).
   config.image_mean = ()  # Per channel, images in [0, 1]; () = the data set's (folders: computed).
   config.image_std = ()

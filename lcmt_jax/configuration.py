@@ -59,7 +59,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'dataset': _one_of(*data_sources.DATASETS),
     'data_dir': _STRING,
     'cache_dir': _STRING,
-    'image_size': _int_at_least(8),
+    'image_size': _int_at_least(12),  # ConvLarge's 3x3 'VALID' convolution after two poolings.
     'random_flip': _OPTIONAL_BOOL,
     'image_mean': _channel_values(positive=False),
     'image_std': _channel_values(positive=True),
@@ -124,6 +124,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(f'config.num_epochs={config.num_epochs} goes past config.decay_end='
                       f'{config.decay_end:g}, where the learning rate has reached 0: set '
                       f'config.decay_end >= num_epochs, or train fewer epochs')
+  if config.dataset in ('cifar10', 'svhn') and config.image_size != 32:
+    raise ConfigError(f'config.image_size={config.image_size} does not apply to {config.dataset}, '
+                      'whose images are 32x32: leave it at 32')
+  if config.dataset == 'digits' and config.image_size % 8:
+    raise ConfigError(f'config.image_size={config.image_size} is not a multiple of 8: the 8x8 '
+                      'digits are enlarged by whole pixels (16, 24, 32, ...)')
   if config.selection == 'validation' and config.validation_per_class == 0:
     raise ConfigError('config.selection=validation needs a validation split: set '
                       'config.validation_per_class > 0, or use config.selection=test')

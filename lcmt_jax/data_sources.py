@@ -79,7 +79,7 @@ def load(dataset: str, data_dir: str, *, image_size: int = 32, cache_dir: str = 
     raise errors.UserInputError(f'config.data_dir {data_dir!r} is a file, not a directory: set it '
                                 'to the folder that holds the data set')
   if dataset == 'digits':
-    return _load_digits()
+    return _load_digits(image_size)
   if dataset == 'image_folder':
     return load_image_folder(data_dir, image_size=image_size, cache_dir=cache_dir)
   if dataset == 'cifar10':
@@ -440,13 +440,18 @@ def _read_tfds_split(tfds: Any, builder: Any, split: str) -> tuple[np.ndarray, n
 
 # --- The embedded digits ------------------------------------------------------------------------
 
-def _load_digits() -> TrainTest:
-  """scikit-learn's 8x8 digits as 32x32x3 uint8 images: a real data set offline."""
+def _load_digits(image_size: int = 32) -> TrainTest:
+  """scikit-learn's 8x8 digits as uint8 RGB images: a real data set offline.
+
+  Each pixel becomes an `image_size // 8` square block (32x32 by default;
+  16x16 runs the network four times faster, as the tests do).
+  """
   from sklearn import datasets, model_selection  # pylint: disable=import-outside-toplevel
 
   digits = datasets.load_digits()
   images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-  images = images.repeat(4, axis=1).repeat(4, axis=2)
+  scale = image_size // 8
+  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
   images = np.repeat(images[..., None], 3, axis=-1)
   labels = digits.target.astype(np.int32)
   train_idx, test_idx = model_selection.train_test_split(

@@ -1,21 +1,20 @@
 """What a run tells a person: a progress bar, metrics.jsonl, TensorBoard scalars, a summary.
 
 TensorBoard scalars are written by the `tensorboard` package's own event-file
-writer, which needs no TensorFlow (it uses TensorFlow's file system where that
-is installed).
+writer, on tensorboard's TensorFlow stub even where TensorFlow is installed.
 """
 
 import json
 import os
+import sys
 import time
+import types
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import tqdm
 from tensorboard import summary as tensorboard_summary
-
-from lcmt_jax import tf_cpu
 
 _BAR_METRICS = ('loss', 'ce_loss', 'consistency_loss', 'lc_loss')
 
@@ -50,7 +49,7 @@ class MetricsLog:
     with open(self._path, 'a') as f:
       f.write(json.dumps({'epoch': epoch, 'kind': kind, **values, 'wall_time': time.time()}) + '\n')
     if self._tensorboard is None:
-      tf_cpu.hide_gpus_if_installed()
+      _use_tensorboards_tensorflow_stub()
       self._tensorboard = tensorboard_summary.Writer(os.path.join(self._workdir, 'tensorboard'))
     for key, value in values.items():
       self._tensorboard.add_scalar(f'{kind}/{key}', value, epoch)
@@ -68,6 +67,17 @@ class MetricsLog:
     with open(path + '.tmp', 'w') as f:
       json.dump(summary, f, indent=2)
     os.replace(path + '.tmp', path)
+
+
+def _use_tensorboards_tensorflow_stub() -> None:
+  """Keeps tensorboard's writer from importing TensorFlow for its file system.
+
+  Importing TensorFlow costs about 3 s at every start and would claim the GPUs;
+  tensorboard's own stub writes local files the same. An importable
+  `tensorboard.compat.notf` is tensorboard's switch for the stub (see
+  `tensorboard.compat.tf`); it changes nothing once TensorFlow was chosen.
+  """
+  sys.modules.setdefault('tensorboard.compat.notf', types.ModuleType('tensorboard.compat.notf'))
 
 
 def read_records(path: str) -> list[dict[str, Any]]:

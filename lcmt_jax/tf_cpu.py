@@ -1,6 +1,5 @@
-"""TensorFlow for tfds and TensorBoard only, kept off the accelerators."""
+"""TensorFlow for tfds only, kept off the accelerators."""
 
-import importlib.util
 from typing import Any
 
 
@@ -9,9 +8,3 @@ def import_tensorflow() -> Any:
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
   return tf
-
-
-def hide_gpus_if_installed() -> None:
-  """Where TensorFlow is installed, tensorboard's writer imports it: keep it off the GPUs first."""
-  if importlib.util.find_spec('tensorflow') is not None:
-    import_tensorflow()

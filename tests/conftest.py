@@ -87,6 +87,20 @@ def cifar10_dir(tmp_path_factory):
   return data_dir, (train_images, train_labels, *written[-1])
 
 
+@pytest.fixture(scope='session')
+def one_epoch_run(tmp_path_factory):
+  """`(workdir, config, summary)` of one epoch of `tiny_config`, trained once for the suite.
+
+  Tests read it; a test that writes works on a copy.
+  """
+  from lcmt_jax import trainer  # pylint: disable=import-outside-toplevel
+  from tests.test_trainer import tiny_config  # pylint: disable=import-outside-toplevel
+
+  workdir = str(tmp_path_factory.mktemp('runs') / 'mt_lc_seed0')
+  config = tiny_config(num_epochs=1)
+  return workdir, config, trainer.train_and_evaluate(config, workdir)
+
+
 @pytest.fixture
 def offline(monkeypatch):
   """No network: a data set that is not prepared fails at once instead of downloading."""

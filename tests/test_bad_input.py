@@ -19,19 +19,11 @@ from tests.test_trainer import TINY_FLAGS, tiny_config
 TINY_COMMAND = ['--config=configs/quickstart.py', *TINY_FLAGS, '--config.num_epochs=1']
 
 
-@pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory):
-  """A workdir after one epoch of the tiny run that TINY_COMMAND describes."""
-  workdir = tmp_path_factory.mktemp('trained')
-  trainer.train_and_evaluate(tiny_config(num_epochs=1), str(workdir))
-  return workdir
-
-
 @pytest.fixture
-def workdir(trained_workdir, tmp_path):
-  """A private copy of `trained_workdir`, to run bad commands against."""
+def workdir(one_epoch_run, tmp_path):
+  """A private copy of the run that TINY_COMMAND describes, to run bad commands against."""
   copy = tmp_path / 'run'
-  shutil.copytree(trained_workdir, copy)
+  shutil.copytree(one_epoch_run[0], copy)
   return copy
 
 
@@ -91,8 +83,8 @@ def assert_cifar10_refused(train_cli, data_dir, tmp_path, message):
   """A CIFAR-10 run from `data_dir` is refused; nothing under `tmp_path` changes."""
   before = helpers.directory_contents(tmp_path)
   assert_refused(
-      train_cli(*TINY_COMMAND, '--config.dataset=cifar10', f'--config.data_dir={data_dir}',
-                f'--workdir={tmp_path / "run"}'),
+      train_cli(*TINY_COMMAND, '--config.dataset=cifar10', '--config.image_size=32',
+                f'--config.data_dir={data_dir}', f'--workdir={tmp_path / "run"}'),
       message, tmp_path, before)
 
 

@@ -192,6 +192,19 @@ def test_digits_loads_offline():
   assert np.all(np.bincount(loaded.test_labels, minlength=10) >= 48)
 
 
+@pytest.mark.parametrize('image_size', [16, 24])
+def test_digits_at_another_size_are_the_same_pixels_in_other_blocks(image_size):
+  default = data_sources.load('digits', '')
+  resized = data_sources.load('digits', '', image_size=image_size)
+  scale = image_size // 8
+  for name in ('train_images', 'test_images'):
+    original = getattr(default, name)[:, ::4, ::4]  # The 8x8 digits: 32x32 is 4x4 blocks.
+    np.testing.assert_array_equal(getattr(resized, name),
+                                  original.repeat(scale, axis=1).repeat(scale, axis=2))
+  np.testing.assert_array_equal(resized.train_labels, default.train_labels)
+  np.testing.assert_array_equal(resized.test_labels, default.test_labels)
+
+
 def test_digits_statistics_match_the_constants():
   train_images = data_sources.load('digits', '').train_images / 255.0
   info = input_pipeline.DATASETS['digits']
@@ -560,7 +573,7 @@ def _reference_validation_indices(labels, labeled, k, seed):
 
 def test_image_folder_run_writes_split_json(tmp_path):
   expected = _write_image_folder(tmp_path / 'data')
-  config = tiny_config(dataset='image_folder', data_dir=str(tmp_path / 'data'),
+  config = tiny_config(dataset='image_folder', data_dir=str(tmp_path / 'data'), image_size=32,
                        labeled_per_class=2, validation_per_class=1, labeled_batch_size=4,
                        unlabeled_batch_size=8, eval_batch_size=4, num_epochs=1)
   trainer.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -692,7 +705,7 @@ def test_bad_image_folder_exits_2_with_one_line(train_cli, tmp_path, damage):
   message = damage(tmp_path / 'data')
   before = helpers.directory_contents(tmp_path)
   code, error_lines = train_cli(*TINY_COMMAND, '--config.dataset=image_folder',
-                                f'--config.data_dir={tmp_path / "data"}',
+                                '--config.image_size=32', f'--config.data_dir={tmp_path / "data"}',
                                 f'--workdir={tmp_path / "run"}')
   assert code == 2
   assert len(error_lines) == 1 and message in error_lines[0], error_lines
@@ -710,7 +723,8 @@ def test_data_dir_holding_no_source_exits_2_with_one_line(train_cli, tmp_path, m
     data_dir = str(tmp_path / data_dir)
   before = helpers.directory_contents(tmp_path)
   code, error_lines = train_cli(*TINY_COMMAND, f'--config.dataset={dataset}',
-                                f'--config.data_dir={data_dir}', f'--workdir={tmp_path / "run"}')
+                                '--config.image_size=32', f'--config.data_dir={data_dir}',
+                                f'--workdir={tmp_path / "run"}')
   assert code == 2 and len(error_lines) == 1, error_lines
   if dataset == 'image_folder':
     assert 'needs config.data_dir' in error_lines[0]

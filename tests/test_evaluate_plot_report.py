@@ -24,17 +24,8 @@ from tests.test_trainer import REPO, tiny_config
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  """`(workdir, config, summary)` of a one-epoch run."""
-  workdir = str(tmp_path_factory.mktemp('runs') / 'mt_lc_seed0')
-  config = tiny_config(num_epochs=1)
-  summary = trainer.train_and_evaluate(config, workdir)
-  return workdir, config, summary
-
-
-@pytest.fixture(scope='module')
-def restored(run):
-  return evaluate.restore_run(run[0], 'latest')
+def restored(one_epoch_run):
+  return evaluate.restore_run(one_epoch_run[0], 'latest')
 
 
 def _cli(*args, timeout=300):
@@ -42,8 +33,8 @@ def _cli(*args, timeout=300):
                         timeout=timeout)
 
 
-def test_evaluate_equals_an_independent_recomputation(run, restored):
-  workdir, config, summary = run
+def test_evaluate_equals_an_independent_recomputation(one_epoch_run, restored):
+  workdir, config, summary = one_epoch_run
   results = evaluate.evaluate(restored)
   assert set(results) == {'test'}  # tiny_config holds out no validation split.
 
@@ -69,8 +60,8 @@ def test_evaluate_equals_an_independent_recomputation(run, restored):
                                np.diag(confusion) / np.bincount(split.test_labels))
 
 
-def test_evaluate_cli_prints_errors_and_confusion_tables(run):
-  workdir, _, summary = run
+def test_evaluate_cli_prints_errors_and_confusion_tables(one_epoch_run):
+  workdir, _, summary = one_epoch_run
   result = _cli('-m', 'lcmt_jax.evaluate', f'--workdir={workdir}', '--checkpoint=best')
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
@@ -79,14 +70,14 @@ def test_evaluate_cli_prints_errors_and_confusion_tables(run):
   assert out.count('true\\pred') == 2 and 'epoch 1' in out
 
 
-def test_evaluate_torch_checkpoint_equals_the_exported_teacher(run, restored, tmp_path):
+def test_evaluate_torch_checkpoint_equals_the_exported_teacher(one_epoch_run, restored, tmp_path):
   torch = pytest.importorskip('torch')
   teacher = jax.device_get({'params': restored.state.teacher_params,
                             'batch_stats': restored.state.teacher_batch_stats})
   path = tmp_path / 'teacher.pth'
   torch.save({'state_dict': {k: torch.as_tensor(np.array(v)) for k, v in
                              torch_import.to_reference_state_dict(teacher).items()}}, path)
-  imported = evaluate.import_torch_checkpoint(run[1], str(path))
+  imported = evaluate.import_torch_checkpoint(one_epoch_run[1], str(path))
   confusion = evaluate.evaluate(imported)['test']['model']
   np.testing.assert_array_equal(confusion, evaluate.evaluate(restored)['test']['teacher'])
 
@@ -122,8 +113,8 @@ def test_evaluate_bad_input_exits_2_with_one_line(tmp_path, case, message):
   assert helpers.directory_contents(tmp_path) == before
 
 
-def test_plot_writes_png_files(run, tmp_path):
-  workdir = run[0]
+def test_plot_writes_png_files(one_epoch_run, tmp_path):
+  workdir = one_epoch_run[0]
   other = tmp_path / 'other_run'  # A second run to overlay: the same curves, another label.
   other.mkdir()
   shutil.copy(os.path.join(workdir, 'metrics.jsonl'), other / 'metrics.jsonl')
@@ -172,8 +163,8 @@ def test_report_aggregates_seeds_to_mean_and_std(tmp_path):
   assert rows['supervised'][2:] == ['1 (0)', '30', '50.00', '60.00', '40.00', '45.00']
 
 
-def test_report_falls_back_to_metrics_jsonl(run, tmp_path):
-  workdir, _, summary = run
+def test_report_falls_back_to_metrics_jsonl(one_epoch_run, tmp_path):
+  workdir, _, summary = one_epoch_run
   copy = tmp_path / 'copy'
   copy.mkdir()
   for name in ('metrics.jsonl', 'config.json'):
@@ -184,9 +175,9 @@ def test_report_falls_back_to_metrics_jsonl(run, tmp_path):
     assert rebuilt.summary[key] == pytest.approx(summary[key], abs=1e-12)
 
 
-def test_report_cli_writes_the_table_and_rejects_a_missing_dir(run, tmp_path):
+def test_report_cli_writes_the_table_and_rejects_a_missing_dir(one_epoch_run, tmp_path):
   out = tmp_path / 'table.md'
-  result = _cli('-m', 'lcmt_jax.report', run[0], '--out', str(out))
+  result = _cli('-m', 'lcmt_jax.report', one_epoch_run[0], '--out', str(out))
   assert result.returncode == 0, result.stderr[-3000:]
   assert out.read_text() == result.stdout and '| digits | mt_lc | 1 (0) |' in result.stdout
   result = _cli('-m', 'lcmt_jax.report', str(tmp_path / 'nope'))

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -23,10 +22,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
   config = quickstart.get_config()
-  config.update(width=8, labeled_batch_size=16, unlabeled_batch_size=128, num_epochs=2,
-                eval_every_epochs=1, checkpoint_every_epochs=1, lc_start=1, lc_rampup=1,
-                lc_weight=1.0, lc_threshold=2.0,
-                decay_start=2, decay_end=3, progress_bar=False, eval_batch_size=250)
+  # 16x16 digits: the network runs four times faster than at 32x32.
+  config.update(image_size=16, width=8, labeled_batch_size=16, unlabeled_batch_size=128,
+                num_epochs=2, eval_every_epochs=1, checkpoint_every_epochs=1, lc_start=1,
+                lc_rampup=1, lc_weight=1.0, lc_threshold=2.0, decay_start=2, decay_end=3,
+                progress_bar=False, eval_batch_size=250)
   config.update(overrides)
   return config
 
@@ -90,12 +90,24 @@ def test_resume_continues_exactly(uninterrupted_run, tmp_path):
     ('ema_decay', 1.5, 'config.ema_decay=1.5 is invalid'),
     ('decay_end', 1, 'decay_end=1 is before'),
     ('selection', 'validation', 'needs a validation split'),
+    ('image_size', 20, 'config.image_size=20 is not a multiple of 8'),
+    ('image_size', 8, 'config.image_size=8 is invalid'),
 ])
 def test_config_validation_rejects_impossible_values(key, value, message):
   config = tiny_config()
   config[key] = value
   with pytest.raises(configuration.ConfigError, match=message):
     configuration.validate(config)
+
+
+@pytest.mark.parametrize('dataset', ['cifar10', 'svhn'])
+def test_config_validation_keeps_cifar10_and_svhn_at_32_pixels(dataset):
+  config = tiny_config(dataset=dataset)
+  with pytest.raises(configuration.ConfigError,
+                     match=f'image_size=16 does not apply to {dataset}, whose images are 32x32'):
+    configuration.validate(config)
+  config.image_size = 32
+  configuration.validate(config)
 
 
 def test_config_validation_rejects_unknown_keys():
@@ -188,26 +200,50 @@ def test_a_diverging_update_is_caught_in_its_own_step(tmp_path):
 
 
 TINY_FLAGS = [f'--config.{k}={v}' for k, v in dict(
-    width=8, labeled_batch_size=16, unlabeled_batch_size=128, eval_every_epochs=1,
+    image_size=16, width=8, labeled_batch_size=16, unlabeled_batch_size=128, eval_every_epochs=1,
     checkpoint_every_epochs=1, lc_start=1, lc_rampup=1, lc_weight=1.0, lc_threshold=2.0,
     decay_start=2, decay_end=3, progress_bar=False, eval_batch_size=250).items()]
 
 
-# Runs train.py, killing the process with SIGKILL when orbax is about to commit the checkpoint
-# directory named by KILL_AT_COMMIT: every file is written, the commit marker and the
-# rename from the temporary directory are not. (orbax's `AtomicRenameTemporaryPath`.)
-KILLED_AT_COMMIT_SCRIPT = textwrap.dedent('''
-    import os, runpy, signal, sys
+# Runs train.py and kills it with SIGKILL at a chosen moment:
+# - KILL_AT_COMMIT=checkpoints/N: when orbax is about to commit that checkpoint directory
+#   (every file written, the commit marker and the rename from the temporary directory not;
+#   orbax's `AtomicRenameTemporaryPath`);
+# - KILL_AT_CALL=N: once the N-th call of the compiled training steps is dispatched and the
+#   path KILL_ONCE_EXISTS exists (checkpoints are committed in the background), so the
+#   process dies while those steps run or right after.
+KILLED_SCRIPT = textwrap.dedent('''
+    import os, runpy, signal, sys, time
     from orbax.checkpoint._src.path import atomicity
+    from lcmt_jax import trainer
+
+    def kill():
+      os.kill(os.getpid(), signal.SIGKILL)
 
     commit = atomicity.AtomicRenameTemporaryPath.finalize
 
     async def finalize(self):
-      if str(self._final_path).endswith(os.environ['KILL_AT_COMMIT']):
-        os.kill(os.getpid(), signal.SIGKILL)
+      if str(self._final_path).endswith(os.environ.get('KILL_AT_COMMIT', '/')):
+        kill()
       await commit(self)
 
+    make_train_fn = trainer.make_train_fn
+
+    def make_killed_train_fn(*args):
+      train_fn, calls = make_train_fn(*args), []
+
+      def killed_train_fn(*args, **kwargs):
+        result = train_fn(*args, **kwargs)  # Dispatched: the steps run asynchronously.
+        calls.append(None)
+        if len(calls) == int(os.environ.get('KILL_AT_CALL', 0)):
+          while not os.path.exists(os.environ['KILL_ONCE_EXISTS']):
+            time.sleep(0.01)
+          kill()
+        return result
+      return killed_train_fn
+
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    trainer.make_train_fn = make_killed_train_fn
     sys.argv = ['train.py', *sys.argv[1:]]
     runpy.run_path('train.py', run_name='__main__')
 ''')
@@ -222,28 +258,22 @@ def test_run_killed_at_any_point_resumes_to_the_same_result(uninterrupted_run, t
   checkpoints = workdir / 'checkpoints'
   args.append(f'--workdir={workdir}')
 
-  def killed_at_commit(checkpoint):
-    result = subprocess.run([sys.executable, '-c', KILLED_AT_COMMIT_SCRIPT, *args], cwd=REPO,
-                            env=dict(os.environ, KILL_AT_COMMIT=checkpoint),
-                            capture_output=True, text=True, timeout=600)
+  def killed(**when):
+    result = subprocess.run([sys.executable, '-c', KILLED_SCRIPT, *args], cwd=REPO,
+                            env=dict(os.environ, **when), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     return sorted(p.name for p in checkpoints.iterdir())
 
   # 1. While the first checkpoint is written: only its temporary directory exists.
-  (partial,) = killed_at_commit('checkpoints/1')
+  (partial,) = killed(KILL_AT_COMMIT='checkpoints/1')
   assert 'tmp' in partial
 
-  # 2. During a step of epoch 2, the first checkpoint complete.
-  process = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  while process.poll() is None and not (checkpoints / '1').exists():
-    time.sleep(0.05)
-  time.sleep(1.0)
-  process.kill()
-  assert process.wait() == -signal.SIGKILL
+  # 2. During the steps of epoch 2 (one compiled call an epoch), the first checkpoint complete.
+  assert killed(KILL_AT_CALL='2', KILL_ONCE_EXISTS=str(checkpoints / '1')) == ['1']
 
   # 3. While the second checkpoint is written.
-  complete, partial = killed_at_commit('checkpoints/2')
+  complete, partial = killed(KILL_AT_COMMIT='checkpoints/2')
   assert complete == '1' and partial.startswith('2.') and 'tmp' in partial
 
   resumed = subprocess.run([sys.executable, 'train.py', *args], cwd=REPO,
