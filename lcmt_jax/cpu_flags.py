@@ -40,6 +40,11 @@ _OPT_OUT = 'LCMT_XLA_CPU_FLAGS'
 
 def jaxlib_knows_flag() -> bool:
   """Whether jaxlib's XLA library defines FLAG and the fusion type VALUE names."""
+  return jaxlib_defines(*_REQUIRED)
+
+
+def jaxlib_defines(*names: bytes) -> bool:
+  """Whether jaxlib's XLA library holds every one of `names` (flag names, enum values)."""
   spec = importlib.util.find_spec('jaxlib')
   if spec is None or not spec.submodule_search_locations:
     return False
@@ -50,7 +55,7 @@ def jaxlib_knows_flag() -> bool:
       continue
     try:
       with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return all(data.find(needle) >= 0 for needle in _REQUIRED)
+        return all(data.find(name) >= 0 for name in names)
     except (OSError, ValueError):
       return False
   return False

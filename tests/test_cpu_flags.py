@@ -41,3 +41,8 @@ def test_configure_after_jax_started_warns_instead_of_setting(monkeypatch):
   assert not applied and os.environ['XLA_FLAGS'] == ''
   assert cpu_flags.jaxlib_knows_flag() == any(
       'imported after JAX created its backends' in str(w.message) for w in caught)
+
+
+def test_jaxlib_defines_finds_names_in_the_xla_library():
+  assert cpu_flags.jaxlib_defines(b'xla_dump_to')  # A flag every XLA has.
+  assert not cpu_flags.jaxlib_defines(b'xla_dump_to', b'xla_no_such_flag_in_any_version')

@@ -10,6 +10,7 @@ import pytest
 
 from lcmt_jax import distributed
 from lcmt_jax import errors
+from tests import conftest
 from tests.test_trainer import REPO, TINY_FLAGS, assert_same_run
 
 
@@ -30,7 +31,7 @@ def test_two_processes_equal_one_process(tmp_path):
   """
   command = [sys.executable, 'train.py', '--config=configs/quickstart.py', *TINY_FLAGS,
              '--config.num_epochs=2']
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=conftest.subprocess_xla_flags())
   coordinator = f'localhost:{free_port()}'
   two = [subprocess.Popen([*command, f'--workdir={tmp_path / "two"}',
                            f'--coordinator_address={coordinator}', '--num_processes=2',
@@ -38,7 +39,8 @@ def test_two_processes_equal_one_process(tmp_path):
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True) for i in range(2)]
   one = subprocess.run([*command, f'--workdir={tmp_path / "one"}'], cwd=REPO,
-                       env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'),
+                       env=dict(env, XLA_FLAGS=conftest.subprocess_xla_flags(
+                           '--xla_force_host_platform_device_count=2')),
                        capture_output=True, text=True, timeout=600)
   outputs = [process.communicate(timeout=600) for process in two]
   for process, (_, stderr) in zip(two, outputs):

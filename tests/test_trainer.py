@@ -16,6 +16,7 @@ from lcmt_jax import checkpointing
 from lcmt_jax import configuration
 from lcmt_jax import metrics_log
 from lcmt_jax import trainer
+from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,7 +164,8 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_four_devices_equal_one_device():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ,
+             XLA_FLAGS=conftest.subprocess_xla_flags('--xla_force_host_platform_device_count=4'),
              JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   result = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
