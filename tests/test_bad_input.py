@@ -11,7 +11,6 @@ import ml_collections
 import pytest
 
 from lcmt_jax import configuration
-from lcmt_jax import trainer
 from tests import conftest
 from tests import helpers
 from tests.test_trainer import TINY_FLAGS, tiny_config

@@ -764,32 +764,16 @@ NO_TENSORFLOW_DRIVER = textwrap.dedent('''
         code = e.code
       results.append({'code': code})
 
-    from tensorboard.backend.event_processing import event_accumulator
-    from tensorboard.util import tensor_util
+    from tests import helpers
     for args, result in zip(commands, results):
       workdir = next(a.split('=', 1)[1] for a in args if a.startswith('--workdir='))
       board = os.path.join(workdir, 'tensorboard')
       if os.path.isdir(board):
-        accumulator = event_accumulator.EventAccumulator(board)
-        accumulator.Reload()
-        result['scalars'] = {
-            tag: [[e.step, float(tensor_util.make_ndarray(e.tensor_proto))]
-                  for e in accumulator.Tensors(tag)]
-            for tag in accumulator.Tags()['tensors']}
+        result['scalars'] = helpers.tensorboard_scalars(board)
     result_ok = all(sys.modules.get(m) is None for m in ('tensorflow', 'tensorflow_datasets'))
     with open(result_path, 'w') as f:
       json.dump({'runs': results, 'no_tensorflow': result_ok}, f)
 ''')
-
-
-def _assert_events_hold_the_metrics(workdir, scalars):
-  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert {r['kind'] for r in records} == {'train', 'eval'}
-  want = {f'{r["kind"]}/{k}': [[r['epoch'], v]] for r in records for k, v in r.items()
-          if k not in ('epoch', 'kind', 'wall_time')}  # Record keys, not scalars.
-  assert set(scalars) == set(want)
-  for tag, events in want.items():
-    np.testing.assert_allclose(scalars[tag], events, rtol=1e-6)  # Written as float32.
 
 
 @pytest.mark.slow
@@ -814,7 +798,9 @@ def test_runs_without_tensorflow(tmp_path):
   assert out['no_tensorflow']
   assert [run['code'] for run in out['runs']] == [0, 0, 2], result.stderr[-3000:]
   for name, run in zip(('quickstart', 'cifar10'), out['runs']):
-    _assert_events_hold_the_metrics(tmp_path / name, run['scalars'])
+    records = (tmp_path / name / 'metrics.jsonl').read_text().splitlines()
+    assert {json.loads(r)['kind'] for r in records} == {'train', 'eval'}
+    helpers.assert_scalars_hold_the_records(tmp_path / name, run['scalars'])
   split = json.loads((tmp_path / 'cifar10' / 'split.json').read_text())
   assert split['source'] == 'cifar10_pickles' and split['num_train'] == 50
   error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]

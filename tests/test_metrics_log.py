@@ -4,10 +4,7 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
-
+from tests import helpers
 from tests.test_trainer import REPO
 
 WRITE_SCRIPT = '''
@@ -29,16 +26,5 @@ def test_scalars_equal_the_records_and_need_no_tensorflow(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads(result.stdout) == []
 
-  accumulator = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
-  accumulator.Reload()
-  scalars = {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-                   for e in accumulator.Tensors(tag)] for tag in accumulator.Tags()['tensors']}
-  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  want = {}
-  for r in records:
-    for key, value in r.items():
-      if key not in ('epoch', 'kind', 'wall_time'):
-        want.setdefault(f'{r["kind"]}/{key}', []).append((r['epoch'], value))
-  assert scalars.keys() == want.keys()
-  for tag, events in want.items():
-    np.testing.assert_allclose(scalars[tag], events, rtol=1e-6)  # Written as float32.
+  helpers.assert_scalars_hold_the_records(
+      tmp_path, helpers.tensorboard_scalars(str(tmp_path / 'tensorboard')))
