@@ -7,6 +7,7 @@ update of the teacher, which is kept as its own parameter pytree.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -95,12 +96,21 @@ def make_optimizer(config: ml_collections.ConfigDict, step_config: StepConfig) -
   reference decays every parameter, `g` and `b` included (quirk 6);
   `weight_decay_params='kernels'` restricts it to the directions `v`.
   """
+  return _optimizer(step_config, float(config.weight_decay), config.weight_decay_params,
+                    float(config.momentum), bool(config.nesterov))
+
+
+@functools.cache
+def _optimizer(step_config: StepConfig, weight_decay: float, weight_decay_params: str,
+               momentum: float, nesterov: bool) -> optax.GradientTransformation:
+  # Cached: equal settings give the same object, so states built for equal runs have the
+  # same tree structure and share jit's cache entries (lcmt_jax/trainer.py).
   mask = None
-  if config.weight_decay_params == 'kernels':
+  if weight_decay_params == 'kernels':
     mask = lambda params: jax.tree.map_with_path(lambda path, _: path[-1].key == 'v', params)
   return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=mask),
-      optax.sgd(step_config.learning_rate, momentum=config.momentum, nesterov=config.nesterov),
+      optax.add_decayed_weights(weight_decay, mask=mask),
+      optax.sgd(step_config.learning_rate, momentum=momentum, nesterov=nesterov),
   )
 
 

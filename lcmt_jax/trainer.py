@@ -54,10 +54,22 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
                        devices=devices)
 
 
+# Runs in one process (a sweep, `evaluate` after training, the test suite) share their traced
+# and compiled functions where their settings are equal: the factories below are cached on
+# hashable settings, and so are the model and the optimiser, which a train state holds as
+# static fields, part of the tree structure that jit's cache is keyed on.
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ConvLarge:
-  return models.ConvLarge(num_classes=num_classes, width=config.width,
-                          dropout_rate=config.dropout_rate, bn_momentum=config.bn_momentum,
-                          dtype=jnp.dtype(config.compute_dtype))
+  return _model(num_classes, config.width, config.dropout_rate, config.bn_momentum,
+                jnp.dtype(config.compute_dtype))
+
+
+@functools.cache
+def _model(num_classes: int, width: int, dropout_rate: float, bn_momentum: float,
+           dtype: Any) -> models.ConvLarge:
+  return models.ConvLarge(num_classes=num_classes, width=width, dropout_rate=dropout_rate,
+                          bn_momentum=bn_momentum, dtype=dtype)
 
 
 def put_data_on_device(split: input_pipeline.SplitData, mesh: Mesh) -> dict[str, jax.Array]:
@@ -220,19 +232,20 @@ def _record_split(config: ml_collections.ConfigDict, workdir: str,
   os.replace(path + '.tmp', path)
 
 
-def initial_state(config: ml_collections.ConfigDict, model: models.ConvLarge,
+def initial_state(data: dict[str, jax.Array], key: jax.Array, *, model: models.ConvLarge,
                   tx: optax.GradientTransformation, info: input_pipeline.DatasetInfo,
-                  data: dict[str, jax.Array], key: jax.Array) -> train_state.TrainState:
+                  labeled_batch_size: int, unlabeled_batch_size: int,
+                  teacher_init: str) -> train_state.TrainState:
   """Data-dependent init from one augmented labelled batch per network, as the reference."""
   init_key, student_batch_key, teacher_batch_key = jax.random.split(key, 3)
   student_batch = input_pipeline.sample_batch(
-      student_batch_key, 0, data, info, config.labeled_batch_size,
-      config.unlabeled_batch_size)['labeled_student']
+      student_batch_key, 0, data, info, labeled_batch_size,
+      unlabeled_batch_size)['labeled_student']
   teacher_batch = input_pipeline.sample_batch(
-      teacher_batch_key, 0, data, info, config.labeled_batch_size,
-      config.unlabeled_batch_size)['labeled_student']
+      teacher_batch_key, 0, data, info, labeled_batch_size,
+      unlabeled_batch_size)['labeled_student']
   return train_state.create_train_state(model, tx, init_key, student_batch, teacher_batch,
-                                        config.teacher_init)
+                                        teacher_init)
 
 
 def build_step_config(config: ml_collections.ConfigDict,
@@ -251,10 +264,12 @@ def build_state(config: ml_collections.ConfigDict, info: input_pipeline.DatasetI
   Also the target a checkpoint is restored into: it fixes the structure,
   dtypes and shardings of the restored state.
   """
-  model = build_model(config, info.num_classes)
-  tx = train_state.make_optimizer(config, step_config)
-  return jax.jit(functools.partial(initial_state, config, model, tx, info),
-                 out_shardings=NamedSharding(mesh, PartitionSpec()))(data, key)
+  return _jit(initial_state, out_shardings=NamedSharding(mesh, PartitionSpec()),
+              model=build_model(config, info.num_classes),
+              tx=train_state.make_optimizer(config, step_config), info=info,
+              labeled_batch_size=config.labeled_batch_size,
+              unlabeled_batch_size=config.unlabeled_batch_size,
+              teacher_init=config.teacher_init)(data, key)
 
 
 def make_train_fn(config: ml_collections.ConfigDict, step_config: train_state.StepConfig,
@@ -264,20 +279,26 @@ def make_train_fn(config: ml_collections.ConfigDict, step_config: train_state.St
   The state is donated; batches are sharded over the mesh, the rest replicated.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(
-      functools.partial(run_steps, step_config=step_config, info=info,
-                        labeled_batch_size=config.labeled_batch_size,
-                        unlabeled_batch_size=config.unlabeled_batch_size,
-                        batch_sharding=NamedSharding(mesh, PartitionSpec('data'))),
-      static_argnames='num_steps', donate_argnums=0, out_shardings=(replicated, replicated))
+  return _jit(run_steps, out_shardings=(replicated, replicated), static_argnames='num_steps',
+              donate_argnums=0, step_config=step_config, info=info,
+              labeled_batch_size=config.labeled_batch_size,
+              unlabeled_batch_size=config.unlabeled_batch_size,
+              batch_sharding=NamedSharding(mesh, PartitionSpec('data')))
 
 
 def make_predict_fn(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
                     mesh: Mesh):
   """`predict` compiled for `mesh`: `fn(state, images) -> predictions and features`."""
-  return jax.jit(functools.partial(predict, batch_size=config.eval_batch_size, info=info,
-                                   batch_sharding=NamedSharding(mesh, PartitionSpec('data'))),
-                 out_shardings=NamedSharding(mesh, PartitionSpec()))
+  return _jit(predict, out_shardings=NamedSharding(mesh, PartitionSpec()),
+              batch_size=config.eval_batch_size, info=info,
+              batch_sharding=NamedSharding(mesh, PartitionSpec('data')))
+
+
+@functools.cache
+def _jit(fun, *, out_shardings, static_argnames=(), donate_argnums=(), **settings):
+  """`jit(partial(fun, **settings))`, one per distinct hashable `fun` and settings."""
+  return jax.jit(functools.partial(fun, **settings), out_shardings=out_shardings,
+                 static_argnames=static_argnames, donate_argnums=donate_argnums)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

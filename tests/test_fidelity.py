@@ -525,7 +525,10 @@ def initial_states():
 
       with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer.train_state, 'create_train_state', spy)
-        state = trainer.initial_state(config, model, optax.identity(), _PLAIN, data, key)
+        state = trainer.initial_state(
+            data, key, model=model, tx=optax.identity(), info=_PLAIN,
+            labeled_batch_size=config.labeled_batch_size,
+            unlabeled_batch_size=config.unlabeled_batch_size, teacher_init=teacher_init)
       assert seen['mode'] == teacher_init
       results[teacher_init] = (state, seen['student'], seen['teacher'])
     return results
