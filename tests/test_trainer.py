@@ -14,7 +14,9 @@ import pytest
 from configs import quickstart
 from lcmt_jax import checkpointing
 from lcmt_jax import configuration
+from lcmt_jax import input_pipeline
 from lcmt_jax import metrics_log
+from lcmt_jax import train_state
 from lcmt_jax import trainer
 from tests import conftest
 
@@ -83,6 +85,26 @@ def test_resume_continues_exactly(uninterrupted_run, tmp_path):
   trainer.train_and_evaluate(tiny_config(num_epochs=2), str(tmp_path))
   trainer.train_and_evaluate(tiny_config(num_epochs=3), str(tmp_path))
   assert_same_run(uninterrupted_run, tmp_path, epochs=3)
+
+
+def test_runs_with_equal_settings_share_their_compiled_functions():
+  split = input_pipeline.load_split(tiny_config())
+  mesh = trainer.make_mesh()
+
+  def functions(config):
+    step_config = trainer.build_step_config(config, split)
+    return (trainer.make_train_fn(config, step_config, split.info, mesh),
+            trainer.make_predict_fn(config, split.info, mesh),
+            trainer.build_model(config, split.info.num_classes),
+            train_state.make_optimizer(config, step_config))
+
+  first = functions(tiny_config(num_epochs=1))
+  # Keys that do not enter a compiled function leave them all shared.
+  assert all(a is b for a, b in zip(first, functions(tiny_config(num_epochs=3, seed=4))))
+  train_fn, predict_fn, model, tx = functions(tiny_config(lc_weight=2.0, eval_batch_size=50,
+                                                          width=16, momentum=0.5))
+  assert train_fn is not first[0] and predict_fn is not first[1]
+  assert model is not first[2] and tx is not first[3]
 
 
 @pytest.mark.parametrize('key, value, message', [
