@@ -17,7 +17,7 @@ from lcmt_jax import data_sources
 # float values, and compile much faster with XLA's optimisations off, as the flax
 # examples' tests run; the modules marked `numerics` compare against oracles at tolerances
 # measured on optimised code (`pytestmark = pytest.mark.numerics`, a module-level mark)
-# and switch them back on (`_optimised_for_numerics`).
+# and switch them back on (`_optimised_for_numerics`); they run last, so the switch happens once.
 # JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the whole suite optimised.
 _SETTINGS = {
     'jax_compilation_cache_dir': os.environ.setdefault(
@@ -47,18 +47,20 @@ def subprocess_xla_flags(*flags: str) -> str:
                   + list(flags))
 
 
+def pytest_collection_modifyitems(items):
+  """Modules marked `numerics` run after the others (a stable sort), so the suite switches
+  XLA's optimisations once and keeps every other module's compiled functions in memory."""
+  items.sort(key=lambda item: item.get_closest_marker('numerics') is not None)
+
+
 @pytest.fixture(autouse=True, scope='module')
 def _optimised_for_numerics(request):
   """XLA's optimisations on while a module marked `numerics` runs, if the suite turned them off."""
-  unoptimised = _SETTINGS['jax_disable_most_optimizations']
-  if not unoptimised or request.node.get_closest_marker('numerics') is None:
-    yield
-    return
-  jax.config.update('jax_disable_most_optimizations', False)
-  jax.clear_caches()  # The flag is not part of jit's cache key: drop the unoptimised executables.
-  yield
-  jax.config.update('jax_disable_most_optimizations', True)
-  jax.clear_caches()
+  unoptimised = (_SETTINGS['jax_disable_most_optimizations']
+                 and request.node.get_closest_marker('numerics') is None)
+  if jax.config.read('jax_disable_most_optimizations') != unoptimised:
+    jax.config.update('jax_disable_most_optimizations', unoptimised)
+    jax.clear_caches()  # The flag is not part of jit's cache key: drop the other executables.
 
 
 _CIFAR10_FILES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
