@@ -9,6 +9,7 @@ completed. Orbax writes into a temporary directory and renames it when
 complete, so a run killed mid-save resumes from the previous complete one.
 """
 
+import copy
 import os
 from typing import Any
 
@@ -100,8 +101,9 @@ class RunCheckpoints:
     (`loop_state['best_selection_accuracy']`).
     """
     metric = loop_state['best_selection_accuracy'] if new_best else _NOT_A_BEST
+    # A copy: the JSON is written in the background, while the caller's loop moves on.
     self._manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)),
+        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(copy.deepcopy(loop_state))),
         metrics={_METRIC: metric})
 
   def epoch_of(self, kind: str) -> int | None:

@@ -81,6 +81,24 @@ def uninterrupted_run(tmp_path_factory):
   return workdir
 
 
+def test_a_checkpoint_holds_the_loop_state_of_its_own_epoch(tmp_path):
+  """The loop record is written in the background: later changes to the dict must not reach it.
+
+  Whether the writer runs before the change is a race, so the save is tried several times.
+  """
+  state = {'w': jax.numpy.arange(3.0)}
+  for trial in range(8):
+    checkpoints = checkpointing.RunCheckpoints(str(tmp_path / str(trial)))
+    loop = {'epoch': 1, 'best_epoch': 1, 'best_selection_accuracy': 0.5, 'last_eval': {'a': 0.5}}
+    saved = json.loads(json.dumps(loop))
+    checkpoints.save(1, state, loop, new_best=True)
+    loop.update(epoch=2, best_selection_accuracy=0.9)  # As the loop does while the save runs.
+    loop['last_eval']['a'] = 0.9
+    checkpoints.wait_until_finished()
+    checkpoints.close()
+    assert latest_state(str(tmp_path / str(trial)))[1] == saved, f'trial {trial}'
+
+
 def test_resume_continues_exactly(uninterrupted_run, tmp_path):
   trainer.train_and_evaluate(tiny_config(num_epochs=2), str(tmp_path))
   trainer.train_and_evaluate(tiny_config(num_epochs=3), str(tmp_path))
