@@ -82,23 +82,26 @@ def test_evaluate_torch_checkpoint_equals_the_exported_teacher(one_epoch_run, re
   np.testing.assert_array_equal(confusion, evaluate.evaluate(restored)['test']['teacher'])
 
 
+def _unreadable_torch_file(path, case):
+  """A `.pth` file that is not a readable reference ConvLarge checkpoint."""
+  torch = pytest.importorskip('torch')
+  torch.save({'state_dict': {'fc.weight': torch.zeros(3, 3)}}, path)  # Not a ConvLarge.
+  if case == 'truncated':
+    torch.save({'state_dict': {k: torch.zeros(8) for k in 'abcdefgh'}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+  elif case == 'bad':
+    path.write_bytes(b'not a torch file')
+  return path
+
+
 @pytest.mark.parametrize('case, message', [
     ('missing_workdir', 'no such workdir'),
     ('no_checkpoint', 'has no best checkpoint'),
     ('bad_torch_file', 'cannot read'),
-    ('truncated_torch_file', 'cannot read'),
-    ('foreign_torch_file', 'cannot read'),
 ])
 def test_evaluate_bad_input_exits_2_with_one_line(tmp_path, case, message):
-  if case.endswith('torch_file'):
-    torch = pytest.importorskip('torch')
-    path = tmp_path / 'model.pth'
-    torch.save({'state_dict': {'fc.weight': torch.zeros(3, 3)}}, path)  # Not a ConvLarge.
-    if case == 'truncated_torch_file':
-      torch.save({'state_dict': {k: torch.zeros(8) for k in 'abcdefgh'}}, path)
-      path.write_bytes(path.read_bytes()[:200])
-    elif case == 'bad_torch_file':
-      path.write_bytes(b'not a torch file')
+  if case == 'bad_torch_file':
+    path = _unreadable_torch_file(tmp_path / 'model.pth', 'bad')
     args = [f'--torch_checkpoint={path}', '--config=configs/quickstart.py']
   elif case == 'missing_workdir':
     args = [f'--workdir={tmp_path / "nope"}']
@@ -110,6 +113,17 @@ def test_evaluate_bad_input_exits_2_with_one_line(tmp_path, case, message):
   assert result.returncode == 2, result.stderr[-3000:]
   error_lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-3000:]
+  assert helpers.directory_contents(tmp_path) == before
+
+
+@pytest.mark.parametrize('case', ['truncated', 'foreign'])
+def test_unreadable_torch_checkpoints_are_one_line_user_errors(tmp_path, case):
+  # The command line turns these into `error: ...` and exit 2, as for the bad file above.
+  path = _unreadable_torch_file(tmp_path / 'model.pth', case)
+  before = helpers.directory_contents(tmp_path)
+  with pytest.raises(evaluate.TorchCheckpointError, match='^cannot read ') as error:
+    evaluate.import_torch_checkpoint(tiny_config(), str(path))
+  assert '\n' not in str(error.value)
   assert helpers.directory_contents(tmp_path) == before
 
 
