@@ -12,6 +12,12 @@ The same holds over several hosts (`lcmt_jax.distributed`): the mesh spans
 every process's devices, each process holds the data set on its own devices
 and computes its devices' shard of each global batch, all processes write
 their shards of each checkpoint, and process 0 alone writes logs and metrics.
+
+Runs in one process (a sweep, `evaluate` after training, the test suite) share
+their traced and compiled functions where their settings are equal: the
+factories below are cached on hashable settings, and so are the model and the
+optimiser, which a train state holds as static fields, part of the tree
+structure that jit's cache is keyed on.
 """
 
 import functools
@@ -54,22 +60,14 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
                        devices=devices)
 
 
-# Runs in one process (a sweep, `evaluate` after training, the test suite) share their traced
-# and compiled functions where their settings are equal: the factories below are cached on
-# hashable settings, and so are the model and the optimiser, which a train state holds as
-# static fields, part of the tree structure that jit's cache is keyed on.
-
-
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ConvLarge:
-  return _model(num_classes, config.width, config.dropout_rate, config.bn_momentum,
-                jnp.dtype(config.compute_dtype))
+  return _cached_model(num_classes=num_classes, width=config.width,
+                       dropout_rate=config.dropout_rate, bn_momentum=config.bn_momentum,
+                       dtype=jnp.dtype(config.compute_dtype))
 
 
-@functools.cache
-def _model(num_classes: int, width: int, dropout_rate: float, bn_momentum: float,
-           dtype: Any) -> models.ConvLarge:
-  return models.ConvLarge(num_classes=num_classes, width=width, dropout_rate=dropout_rate,
-                          bn_momentum=bn_momentum, dtype=dtype)
+# One object per distinct set of fields: a train state holds the model's `apply`.
+_cached_model = functools.cache(models.ConvLarge)
 
 
 def put_data_on_device(split: input_pipeline.SplitData, mesh: Mesh) -> dict[str, jax.Array]:
