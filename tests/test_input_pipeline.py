@@ -9,8 +9,6 @@ from configs import default
 from lcmt_jax import data_sources
 from lcmt_jax import input_pipeline
 
-pytestmark = pytest.mark.numerics
-
 # mean 0, std 1: normalised pixels are x / 255, so tests can read images back.
 _PLAIN = input_pipeline.DatasetInfo('plain', 10, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False)
 
