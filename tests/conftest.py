@@ -17,7 +17,8 @@ from lcmt_jax import data_sources
 # float values, and compile much faster with XLA's optimisations off, as the flax
 # examples' tests run; the modules marked `numerics` compare against oracles at tolerances
 # measured on optimised code (`pytestmark = pytest.mark.numerics`, a module-level mark)
-# and switch them back on (`_optimised_for_numerics`); they run last, so the switch happens once.
+# and switch them back on (`_optimised_for_numerics`); they run last, so the switch happens once
+# (once per worker under pytest-xdist, whose scheduler hands tests out in this order).
 # JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the whole suite optimised.
 _SETTINGS = {
     'jax_compilation_cache_dir': os.environ.setdefault(
