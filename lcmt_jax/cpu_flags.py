@@ -20,7 +20,7 @@ It changes nothing when:
 - `LCMT_XLA_CPU_FLAGS=0` is in the environment;
 - the installed jaxlib does not know the flag or the fusion type (XLA aborts
   the process on an unknown flag or value, so each is looked up in jaxlib's
-  shared library first);
+  shared library first: `jaxlib_has_flag`, `jaxlib_defines`);
 - JAX has already created its backends (flags are read then; a warning says
   so where the CPU is the only backend).
 """
@@ -33,14 +33,25 @@ import warnings
 
 FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 VALUE = '-individual_convolution'
-# What the installed jaxlib must contain for FLAG=VALUE to parse.
-_REQUIRED = (FLAG.encode(), b'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION')
+# The fusion type VALUE names, which the installed jaxlib must define for FLAG=VALUE to parse.
+_FUSION_TYPE = b'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
 _OPT_OUT = 'LCMT_XLA_CPU_FLAGS'
 
 
 def jaxlib_knows_flag() -> bool:
   """Whether jaxlib's XLA library defines FLAG and the fusion type VALUE names."""
-  return jaxlib_defines(*_REQUIRED)
+  return jaxlib_has_flag(FLAG) and jaxlib_defines(_FUSION_TYPE)
+
+
+def jaxlib_has_flag(name: str) -> bool:
+  """Whether jaxlib's XLA accepts `--name` in XLA_FLAGS.
+
+  XLA registers each flag under its name as a C string, NUL on both sides in
+  the library. A removed flag's name can stay in the DebugOptions descriptor
+  as a reserved field name, without the NULs (`xla_cpu_use_fusion_emitters`
+  in jaxlib 0.11), and XLA aborts on it.
+  """
+  return jaxlib_defines(b'\0' + name.encode() + b'\0')
 
 
 def jaxlib_defines(*names: bytes) -> bool:

@@ -38,7 +38,7 @@ for _name, _value in _SETTINGS.items():
 # which compiles dozens, uses the older ones where jaxlib has the flag. Subprocesses inherit
 # it (`subprocess_xla_flags` for those that set XLA_FLAGS); a value in XLA_FLAGS wins.
 _EMITTERS = 'xla_cpu_use_fusion_emitters'
-if cpu_flags.jaxlib_defines(_EMITTERS.encode()) and _EMITTERS not in os.environ.get('XLA_FLAGS', ''):
+if cpu_flags.jaxlib_has_flag(_EMITTERS) and _EMITTERS not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} --{_EMITTERS}=false'.strip()
 
 

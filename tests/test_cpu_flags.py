@@ -1,6 +1,7 @@
 """lcmt_jax.cpu_flags: the XLA:CPU flag is added once, before JAX starts, and never over the user's."""
 
 import os
+import types
 import warnings
 
 import jax
@@ -47,3 +48,15 @@ def test_configure_after_jax_started_warns_instead_of_setting(monkeypatch):
 def test_jaxlib_defines_finds_names_in_the_xla_library():
   assert cpu_flags.jaxlib_defines(b'xla_dump_to')  # A flag every XLA has.
   assert not cpu_flags.jaxlib_defines(b'xla_dump_to', b'xla_no_such_flag_in_any_version')
+
+
+def test_a_flag_is_a_name_between_nuls_not_a_reserved_field_name(tmp_path, monkeypatch):
+  assert cpu_flags.jaxlib_has_flag('xla_dump_to')  # In the installed jaxlib.
+  assert not cpu_flags.jaxlib_has_flag('xla_dump_t')
+  # How jaxlib 0.11 holds a registered flag, and a removed one kept as a reserved field name.
+  (tmp_path / 'libjax_common.so').write_bytes(b'\x00xla_cpu_registered\x00\x1bxla_cpu_removedR\x00')
+  monkeypatch.setattr(cpu_flags.importlib.util, 'find_spec', lambda name: types.SimpleNamespace(
+      submodule_search_locations=[str(tmp_path)]))
+  assert cpu_flags.jaxlib_has_flag('xla_cpu_registered')
+  assert cpu_flags.jaxlib_defines(b'xla_cpu_removed')
+  assert not cpu_flags.jaxlib_has_flag('xla_cpu_removed')
