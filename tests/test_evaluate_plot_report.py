@@ -85,12 +85,13 @@ def test_evaluate_torch_checkpoint_equals_the_exported_teacher(one_epoch_run, re
 def _unreadable_torch_file(path, case):
   """A `.pth` file that is not a readable reference ConvLarge checkpoint."""
   torch = pytest.importorskip('torch')
-  torch.save({'state_dict': {'fc.weight': torch.zeros(3, 3)}}, path)  # Not a ConvLarge.
-  if case == 'truncated':
+  if case == 'bad':
+    path.write_bytes(b'not a torch file')
+  elif case == 'truncated':
     torch.save({'state_dict': {k: torch.zeros(8) for k in 'abcdefgh'}}, path)
     path.write_bytes(path.read_bytes()[:200])
-  elif case == 'bad':
-    path.write_bytes(b'not a torch file')
+  else:  # 'foreign': a readable checkpoint of another network.
+    torch.save({'state_dict': {'fc.weight': torch.zeros(3, 3)}}, path)
   return path
 
 
