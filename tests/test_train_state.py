@@ -392,6 +392,30 @@ def test_metrics_depend_on_method(initial_state, batch, method, has_consistency,
   assert ('lc_within_lu' in metrics) == has_lc
 
 
+def test_mt_lc_before_lc_start_steps_as_mean_teacher(initial_state, batch):
+  """Until `lc_start` an MT+LC run is a Mean Teacher run: its checkpoints can continue
+  as one (RESULTS.md, the full protocol's shared first 600 epochs)."""
+  def two_steps(method):
+    step_config = train_state.StepConfig.from_config(_config(method=method, lc_start=3),
+                                                     STEPS_PER_EPOCH)
+    state, _ = TRAIN_STEP(initial_state, batch, step_config)
+    state, metrics = TRAIN_STEP(state, batch, step_config)
+    return state, metrics
+
+  mt_lc, mt_lc_metrics = two_steps('mt_lc')
+  mt, _ = two_steps('mt')
+  assert mt_lc_metrics['lc_weight'] == 0.0 and mt_lc_metrics['lc_loss'] > 0.0
+  moved = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a) - np.asarray(b))),
+                       mt.params, initial_state.params)
+  assert max(jax.tree.leaves(moved)) > 1e-4  # The steps change the student.
+  for (name, got), (_, want) in zip(
+      _leaves_with_names((mt_lc.params, mt_lc.opt_state, mt_lc.teacher_params,
+                          mt_lc.batch_stats, mt_lc.teacher_batch_stats)),
+      _leaves_with_names((mt.params, mt.opt_state, mt.teacher_params, mt.batch_stats,
+                          mt.teacher_batch_stats))):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 def test_quantile_threshold_is_that_quantile_of_the_unlabeled_batch(model, initial_state, batch):
   """`lc_threshold_quantile=q`: T is the q-quantile of the student's distinct unlabelled pairs."""
   quantile = 0.3
