@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lcmt_jax import cpu_flags
 from lcmt_jax import distributed
 from lcmt_jax import errors
 from lcmt_jax import trainer
@@ -44,6 +45,7 @@ def main(argv: list[str]) -> None:
     default_workdir = f'workdirs/{config.dataset}_{config.method}'
   except OSError as e:  # The config file failed to load; config_flags reports it on first use.
     errors.exit_bad_command_line(e)
+  cpu_flags.configure_compute_dtype(config.compute_dtype)  # Before JAX starts.
   try:
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     trainer.train_and_evaluate(config, _WORKDIR.value or default_workdir,

@@ -23,7 +23,10 @@ Rows (each at the full ConvLarge and a 32 + 128 batch unless flags say otherwise
 
 On the CPU, `lcmt_jax.cpu_flags` (run when `lcmt_jax` is imported) adds the XLA:CPU flag
 that keeps convolutions off YNNPACK unless `XLA_FLAGS` sets it already or
-`LCMT_XLA_CPU_FLAGS=0`; the header prints the `XLA_FLAGS` the run used.
+`LCMT_XLA_CPU_FLAGS=0`, and a run whose JAX rows are all bfloat16 also gets the flag
+that runs bf16 convolutions on oneDNN (`cpu_flags.configure_compute_dtype`; it
+slows float32, so time the two types in separate runs); the header prints the
+`XLA_FLAGS` the run used.
 
 `vs PyTorch` compares each step row with `PyTorch step float32` and each epoch
 row with `PyTorch epoch float32`; a row that could not be measured (a
@@ -63,6 +66,7 @@ from benchmarks import common
 from benchmarks import profile_summary
 from benchmarks.common import Row
 from configs import default as default_config
+from lcmt_jax import cpu_flags
 from lcmt_jax import input_pipeline
 from lcmt_jax import train_state
 from lcmt_jax import trainer
@@ -322,6 +326,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[Row]:
   args = parse_args(argv)
+  jax_dtypes = {d.split('-')[0] for d in args.dtypes.split(',') + (
+      args.epoch_dtypes.split(',') if args.epoch else []) if d}
+  if jax_dtypes == {'bfloat16'}:
+    cpu_flags.configure_compute_dtype('bfloat16')
   load_before = os.getloadavg()[0]
   backend = jax.default_backend()
   device_kind = jax.devices()[0].device_kind

@@ -42,7 +42,7 @@ def test_configure_after_jax_started_warns_instead_of_setting(monkeypatch):
     applied = cpu_flags.configure()
   assert not applied and os.environ['XLA_FLAGS'] == ''
   assert cpu_flags.jaxlib_knows_flag() == any(
-      'imported after JAX created its backends' in str(w.message) for w in caught)
+      'JAX created its backends already' in str(w.message) for w in caught)
 
 
 def test_jaxlib_defines_finds_names_in_the_xla_library():
@@ -50,13 +50,38 @@ def test_jaxlib_defines_finds_names_in_the_xla_library():
   assert not cpu_flags.jaxlib_defines(b'xla_dump_to', b'xla_no_such_flag_in_any_version')
 
 
+def _fake_jaxlib(tmp_path, monkeypatch, library: bytes) -> None:
+  """Makes cpu_flags read `library` as jaxlib's XLA library."""
+  (tmp_path / 'libjax_common.so').write_bytes(library)
+  monkeypatch.setattr(cpu_flags.importlib.util, 'find_spec', lambda name: types.SimpleNamespace(
+      submodule_search_locations=[str(tmp_path)]))
+
+
 def test_a_flag_is_a_name_between_nuls_not_a_reserved_field_name(tmp_path, monkeypatch):
   assert cpu_flags.jaxlib_has_flag('xla_dump_to')  # In the installed jaxlib.
   assert not cpu_flags.jaxlib_has_flag('xla_dump_t')
   # How jaxlib 0.11 holds a registered flag, and a removed one kept as a reserved field name.
-  (tmp_path / 'libjax_common.so').write_bytes(b'\x00xla_cpu_registered\x00\x1bxla_cpu_removedR\x00')
-  monkeypatch.setattr(cpu_flags.importlib.util, 'find_spec', lambda name: types.SimpleNamespace(
-      submodule_search_locations=[str(tmp_path)]))
+  _fake_jaxlib(tmp_path, monkeypatch, b'\x00xla_cpu_registered\x00\x1bxla_cpu_removedR\x00')
   assert cpu_flags.jaxlib_has_flag('xla_cpu_registered')
   assert cpu_flags.jaxlib_defines(b'xla_cpu_removed')
   assert not cpu_flags.jaxlib_has_flag('xla_cpu_removed')
+
+
+BF16_SETTING = f'--{cpu_flags.BF16_FLAG}={cpu_flags.BF16_VALUE}'
+
+
+@pytest.mark.parametrize('compute_dtype, library, xla_flags, added', [
+    ('bfloat16', b'\x00' + cpu_flags.BF16_FLAG.encode() + b'\x00', '--xla_dump_to=/tmp/x', True),
+    ('float32', b'\x00' + cpu_flags.BF16_FLAG.encode() + b'\x00', '--xla_dump_to=/tmp/x', False),
+    ('bfloat16', b'\x00xla_dump_to\x00', '--xla_dump_to=/tmp/x', False),
+    ('bfloat16', b'\x00' + cpu_flags.BF16_FLAG.encode() + b'\x00', f'--{cpu_flags.BF16_FLAG}=false',
+     False),
+], ids=['bfloat16', 'float32_never', 'jaxlib_without_the_flag', 'user_flag_wins'])
+def test_onednn_flag_only_for_bfloat16_runs(tmp_path, monkeypatch, compute_dtype, library,
+                                            xla_flags, added):
+  _fake_jaxlib(tmp_path, monkeypatch, library)
+  monkeypatch.setattr(cpu_flags, '_initialised_backends', lambda: {})  # Before JAX starts.
+  monkeypatch.setenv('XLA_FLAGS', xla_flags)
+  assert cpu_flags.configure_compute_dtype(compute_dtype) == added
+  want = f'{xla_flags} {BF16_SETTING}' if added else xla_flags
+  assert os.environ['XLA_FLAGS'] == want

@@ -1,6 +1,9 @@
 """lcmt_jax.models against NumPy re-derivations of REFERENCE.md "Model"."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from lcmt_jax import cpu_flags
 from lcmt_jax import models
+from tests import conftest
 
 pytestmark = pytest.mark.numerics
 
@@ -348,6 +353,40 @@ def test_conv2d_values_and_gradients_match_numpy(kernel_size, padding, shape):
   np.testing.assert_allclose(out, _np_project(x, w, padding), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, np_dx, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dw, np_dw, rtol=1e-5, atol=1e-5)
+
+
+_BF16_CONV_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from lcmt_jax import models
+x, w, g = (jnp.asarray(a, jnp.bfloat16) for a in np.load(sys.argv[1]).values())
+fn = jax.jit(lambda x, w, g: (lambda out, vjp: (out, *vjp(g)))(*jax.vjp(
+    lambda a, b: models.conv2d(a, b, 'SAME'), x, w)))
+np.savez(sys.argv[2], *(np.asarray(r, np.float32) for r in fn(x, w, g)))
+"""
+
+
+@pytest.mark.skipif(not cpu_flags.jaxlib_has_flag(cpu_flags.BF16_FLAG),
+                    reason='the installed jaxlib has no oneDNN custom-call flag')
+def test_bfloat16_conv2d_on_onednn_matches_numpy(tmp_path):
+  """The flag a bfloat16 run sets (`cpu_flags.configure_compute_dtype`) hands the
+  convolutions to oneDNN where jaxlib can (0.11); values and gradients stay those of
+  the convolution, to bfloat16's precision."""
+  rng = np.random.default_rng(8)
+  bf16 = lambda shape: np.asarray(jnp.asarray(rng.normal(size=shape), jnp.bfloat16), np.float32)
+  x, w, g = bf16((4, 8, 8, 16)), bf16((3, 3, 16, 24)), bf16((4, 8, 8, 24))
+  np.savez(tmp_path / 'in.npz', x=x, w=w, g=g)
+  env = dict(os.environ, XLA_FLAGS=conftest.subprocess_xla_flags(
+      f'--{cpu_flags.FLAG}={cpu_flags.VALUE}', f'--{cpu_flags.BF16_FLAG}={cpu_flags.BF16_VALUE}'),
+      PYTHONPATH=os.pathsep.join(sys.path))
+  subprocess.run([sys.executable, '-c', _BF16_CONV_SCRIPT, str(tmp_path / 'in.npz'),
+                  str(tmp_path / 'out.npz')], env=env, check=True)
+  out = np.load(tmp_path / 'out.npz')
+  np_dx, np_dw = _np_conv_gradients(x, w, 'SAME', g)
+  for got, want in ((out['arr_0'], _np_project(x, w, 'SAME')), (out['arr_1'], np_dx),
+                    (out['arr_2'], np_dw)):
+    # Sums of products of bfloat16 numbers, rounded to bfloat16 (8 significant bits).
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
 
 
 def _np_max_pool_2x2_gradient(x, out_grad):
