@@ -27,11 +27,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 scratch=$(mktemp -d)
 start=$SECONDS
-if [[ -f "$data" ]]; then
-  tar xzf "$data" -C "$scratch" || exit 2
-  data=$(dirname "$(find "$scratch" -maxdepth 3 -type d -name train | head -1)")
-  echo "unpacked to $data in $((SECONDS - start)) s" | tee -a "$out/train.log"
-fi
+data=$(bash benchmarks/image_folder.sh "$data" "$scratch") || exit 2
+echo "image folder $data (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
 
 methods=(${METHODS:-mt_lc mt supervised})
 for method in "${methods[@]}"; do

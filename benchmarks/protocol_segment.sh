@@ -16,10 +16,8 @@
 # run), PYTHON (python3). Changing the config between segments needs --allow_config_change
 # among the flags.
 set -uo pipefail
-data=${1:?usage: protocol_segment.sh DATA PARTS OUT SECONDS [train.py flags]}
-parts=${2:?usage: protocol_segment.sh DATA PARTS OUT SECONDS [train.py flags]}
-out=${3:?usage: protocol_segment.sh DATA PARTS OUT SECONDS [train.py flags]}
-seconds=${4:?usage: protocol_segment.sh DATA PARTS OUT SECONDS [train.py flags]}
+(( $# >= 4 )) || { echo "usage: protocol_segment.sh DATA PARTS OUT SECONDS [train.py flags]" >&2; exit 2; }
+data=$1 parts=$2 out=$3 seconds=$4
 shift 4
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,11 +25,8 @@ mkdir -p "$out"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 start=$SECONDS
-if [[ -f "$data" ]]; then
-  tar xzf "$data" -C "$scratch" || exit 2
-  data=$(dirname "$(find "$scratch" -maxdepth 3 -type d -name train | head -1)")
-  echo "unpacked to $data in $((SECONDS - start)) s" | tee -a "$out/train.log"
-fi
+data=$(bash benchmarks/image_folder.sh "$data" "$scratch") || exit 2
+echo "image folder $data (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
 run="$scratch/run"
 mkdir -p "$run"
 if compgen -G "$parts/run.tar.part-*" > /dev/null; then

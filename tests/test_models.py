@@ -14,6 +14,7 @@ from flax import linen as nn
 from lcmt_jax import cpu_flags
 from lcmt_jax import models
 from tests import conftest
+from tests.test_trainer import REPO
 
 pytestmark = pytest.mark.numerics
 
@@ -378,7 +379,7 @@ def test_bfloat16_conv2d_on_onednn_matches_numpy(tmp_path):
   np.savez(tmp_path / 'in.npz', x=x, w=w, g=g)
   env = dict(os.environ, XLA_FLAGS=conftest.subprocess_xla_flags(
       f'--{cpu_flags.FLAG}={cpu_flags.VALUE}', f'--{cpu_flags.BF16_FLAG}={cpu_flags.BF16_VALUE}'),
-      PYTHONPATH=os.pathsep.join(sys.path))
+      PYTHONPATH=REPO)
   subprocess.run([sys.executable, '-c', _BF16_CONV_SCRIPT, str(tmp_path / 'in.npz'),
                   str(tmp_path / 'out.npz')], env=env, check=True)
   out = np.load(tmp_path / 'out.npz')
