@@ -1,6 +1,7 @@
 """Where a CPU training step spends its time, by op class, for JAX and for the PyTorch port.
 
     python -m benchmarks.cpu_profile --width 32 --steps 3 [--framework both|jax|torch]
+        [--dtype float32|bfloat16]
 
 JAX: `train_state.train_step` on one fixed batch (as the `JAX step` row of
 `benchmarks.throughput` runs it, one jitted call per step), timed untraced,
@@ -17,6 +18,11 @@ range around it that names one: the autograd node that runs it in the
 backward pass (`ConvolutionBackward0`, ...), the teacher's forward, the weight
 norm (`effective_weight`), or the op itself. PyTorch's intra-op threads run
 inside an op, so self times add up to the wall time of the step.
+
+`--dtype bfloat16` profiles the bfloat16 steps: JAX's with
+`compute_dtype='bfloat16'` (and the oneDNN flag `train.py` sets for it),
+PyTorch's under `torch.autocast(bfloat16)` with models and images in
+`channels_last` (the `bf16+CL` row of `benchmarks.throughput`).
 
 Each framework runs in a process of its own, JAX first. The JAX one imports
 `lcmt_jax.cpu_flags` first, as the library's users do (`LCMT_XLA_CPU_FLAGS=0`
@@ -40,6 +46,8 @@ def _args(argv=None):
   parser.add_argument('--unlabeled_batch', type=int, default=128)
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--framework', choices=('both', 'jax', 'torch'), default='both')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help='compute type of both steps')
   parser.add_argument('--dir', default='/tmp/lcmt_cpu_profile', help='where the JAX trace goes')
   parser.add_argument('--torch_threads', type=int, default=os.cpu_count())
   parser.add_argument('--top', type=int, default=0, help='also list the N costliest instructions')
@@ -59,7 +67,8 @@ def _print_table(title: str, by_class: dict, steps: int, total_wall_s: float) ->
 # --- JAX ----------------------------------------------------------------------------------------
 
 def run_jax(args) -> None:
-  from lcmt_jax import cpu_flags  # pylint: disable=import-outside-toplevel,unused-import
+  from lcmt_jax import cpu_flags  # pylint: disable=import-outside-toplevel
+  cpu_flags.configure_compute_dtype(args.dtype)  # Before JAX starts.
   import glob  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from benchmarks import profile_summary  # pylint: disable=import-outside-toplevel
@@ -69,7 +78,7 @@ def run_jax(args) -> None:
   bench_args = throughput.parse_args(['--width', str(args.width), '--labeled_batch',
                                       str(args.labeled_batch), '--unlabeled_batch',
                                       str(args.unlabeled_batch)])
-  _, step_config, state = throughput.jax_setup(bench_args, 'float32',
+  _, step_config, state = throughput.jax_setup(bench_args, args.dtype,
                                                46_000 // args.unlabeled_batch)
   batch = throughput.random_step_batch(bench_args)
   step = jax.jit(lambda s, b: train_state.train_step(s, b, step_config)[0], donate_argnums=0)
@@ -91,7 +100,7 @@ def run_jax(args) -> None:
     for _ in range(args.steps):
       state = compiled(state, batch)
     jax.block_until_ready(state)
-  print(f'JAX {jax.__version__}, width {args.width}, batch {args.labeled_batch}+'
+  print(f'JAX {jax.__version__}, {args.dtype}, width {args.width}, batch {args.labeled_batch}+'
         f'{args.unlabeled_batch}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; untraced step '
         f'min {1e3 * min(times):.1f} ms, median {1e3 * sorted(times)[len(times) // 2]:.1f} ms; '
         f'1-min load average {load:.2f}')
@@ -147,8 +156,11 @@ def run_torch(args) -> None:
 
   torch.set_num_threads(args.torch_threads)
   torch.manual_seed(0)
-  student, teacher = (ref.ConvLarge(width=args.width) for _ in range(2))
-  init_images = torch.randn(args.labeled_batch, 3, 32, 32)
+  mixed = args.dtype == 'bfloat16'
+  memory_format = torch.channels_last if mixed else torch.contiguous_format
+  student, teacher = (ref.ConvLarge(width=args.width).to(memory_format=memory_format)
+                      for _ in range(2))
+  init_images = torch.randn(args.labeled_batch, 3, 32, 32).contiguous(memory_format=memory_format)
   ref.data_dependent_init(student, init_images)
   ref.data_dependent_init(teacher, init_images)
   hparams = ref.HParams()
@@ -176,13 +188,15 @@ def run_torch(args) -> None:
   ref.WeightNormMeanOnlyBN.forward = layer_forward
 
   rng = np.random.default_rng(1)
-  images = lambda n: torch.as_tensor(rng.normal(size=(n, 3, 32, 32)), dtype=torch.float32)  # pylint: disable=unnecessary-lambda-assignment
+  images = lambda n: torch.as_tensor(rng.normal(size=(n, 3, 32, 32)), dtype=torch.float32).contiguous(  # pylint: disable=unnecessary-lambda-assignment
+      memory_format=memory_format)
   batch = {'student_labeled': images(args.labeled_batch),
            'teacher_labeled': images(args.labeled_batch),
            'labels': torch.as_tensor(rng.integers(0, 10, args.labeled_batch)),
            'student_unlabeled': images(args.unlabeled_batch),
            'teacher_unlabeled': images(args.unlabeled_batch)}
-  step = lambda: ref.train_step(student, teacher, optimizer, batch, 1, hparams)  # pylint: disable=unnecessary-lambda-assignment
+  step = lambda: ref.train_step(student, teacher, optimizer, batch, 1, hparams,  # pylint: disable=unnecessary-lambda-assignment
+                                torch.bfloat16 if mixed else None)
   step()
   times = []
   for _ in range(args.steps):
@@ -207,7 +221,8 @@ def run_torch(args) -> None:
     by_class[op_class] += event.self_cpu_time_total / 1e6
     if op_class.startswith('other'):
       other[' < '.join(names[:3])] += event.self_cpu_time_total / 1e6
-  print(f'PyTorch {torch.__version__}, {args.torch_threads} threads, width {args.width}, batch '
+  print(f'PyTorch {torch.__version__}, {args.dtype}{" + channels_last" if mixed else ""}, '
+        f'{args.torch_threads} threads, width {args.width}, batch '
         f'{args.labeled_batch}+{args.unlabeled_batch}; untraced step min {1e3 * min(times):.1f} '
         f'ms, median {1e3 * sorted(times)[len(times) // 2]:.1f} ms; 1-min load average {load:.2f}')
   _print_table('  by op class (self time of every op, inside its innermost named range):',

@@ -326,10 +326,15 @@ def _instruction_of(event: dict, instructions: dict[str, Instruction]):
   A kernel launched from an XLA command buffer (a CUDA graph) names the buffer as
   its `hlo_op`; its own name is the fusion's, with `_N` where the HLO has `.N`,
   and a sub-kernel suffix where one instruction takes several kernels (`sort_49_1`).
+  XLA:CPU names a library call's thunk after the instruction and its target
+  (`custom-call.3.clone__onednn$convolution`).
   """
   name = event.get('args', {}).get('hlo_op') or event['name']
-  if name in instructions or not name.startswith('command_buffer'):
-    return name, instructions.get(name)
+  if name in instructions:
+    return name, instructions[name]
+  if not name.startswith('command_buffer'):
+    instruction = name.split('__', 1)[0]
+    return (instruction, instructions[instruction]) if instruction in instructions else (name, None)
   kernel = event['name']
   for candidate in (kernel, re.sub(r'_(\d+)$', r'.\1', kernel),
                     re.sub(r'_(\d+)_\d+$', r'.\1', kernel), re.sub(r'_\d+$', '', kernel)):
