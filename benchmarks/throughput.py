@@ -169,7 +169,8 @@ def _jax_step_row(args, dtype: str) -> Row:
   batch = random_step_batch(args)
   steps_per_call = args.steps_per_call or args.steps
 
-  @functools.partial(jax.jit, donate_argnums=0, out_shardings=_replicated())
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=_replicated(),
+                     compiler_options=cpu_flags.compiler_options())  # As the trainer's.
   def run(state, batch):
     one_step = lambda s, _: train_state.train_step(s, batch, step_config)  # pylint: disable=unnecessary-lambda-assignment
     if steps_per_call == 1:

@@ -30,6 +30,13 @@ bf16 convolutions as oneDNN calls on the CPU's AMX units (a width-32 bf16
 step 2.3x faster than without it; BENCHMARKS.md, "bfloat16 convolutions on
 oneDNN"), while the same flag makes float32 steps slower, so float32 runs
 never get it. It follows the same rules as above.
+
+`compiler_options()` gives the options the trainer's jitted programs are
+compiled with: LLVM at `-O2` instead of XLA's default `-O3` on the CPU. The
+quickstart's programs then compile in about 60% of the time and run as fast
+(BENCHMARKS.md, "Compile time"). A value of `xla_backend_optimization_level`
+in `XLA_FLAGS`, `LCMT_XLA_CPU_FLAGS=0` or an accelerator backend keeps XLA's
+default; `jax_disable_most_optimizations` (the test suite) wins over it.
 """
 
 import importlib.util
@@ -42,6 +49,9 @@ FLAG = 'xla_cpu_experimental_ynn_fusion_type'
 VALUE = '-individual_convolution'
 BF16_FLAG = 'xla_cpu_experimental_onednn_custom_call'
 BF16_VALUE = 'true'
+# LLVM's level for the trainer's programs on the CPU (`compiler_options`).
+OPT_LEVEL_OPTION = 'xla_backend_optimization_level'
+OPT_LEVEL = 2
 # The fusion type VALUE names, which the installed jaxlib must define for FLAG=VALUE to parse.
 _FUSION_TYPE = b'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
 _OPT_OUT = 'LCMT_XLA_CPU_FLAGS'
@@ -110,6 +120,25 @@ def configure_compute_dtype(compute_dtype: str) -> bool:
   return _add_flag(BF16_FLAG, BF16_VALUE, jaxlib_has_flag(BF16_FLAG),
                    'bfloat16 convolutions stay off oneDNN (about half as fast). Call '
                    'configure_compute_dtype before anything creates a JAX array.')
+
+
+def compiler_options() -> dict[str, int] | None:
+  """`jax.jit`'s `compiler_options` for the trainer's programs (module docstring); None: XLA's.
+
+  XLA:CPU's default level 3 costs compile time without making ConvLarge's
+  programs faster: at level 2 the quickstart's state initialisation compiles
+  in 3.7 s instead of 6.6 s and its epoch in 7.0 s instead of 10.4 s, and an
+  epoch takes as long. Values differ from level 3's in float32 rounding, as
+  they do between jaxlib versions. Call it where the program is jitted: it
+  reads JAX's config as it is then.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if (os.environ.get(_OPT_OUT, '1') == '0' or OPT_LEVEL_OPTION in os.environ.get('XLA_FLAGS', '')
+      or jax.config.read('jax_disable_most_optimizations')  # Level 0, which this would override.
+      or jax.default_backend() != 'cpu'):
+    return None
+  return {OPT_LEVEL_OPTION: OPT_LEVEL}
 
 
 def _add_flag(flag: str, value: str, known: bool, too_late: str) -> bool:

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcmt_jax import checkpointing
 from lcmt_jax import configuration
+from lcmt_jax import cpu_flags
 from lcmt_jax import distributed
 from lcmt_jax import errors
 from lcmt_jax import input_pipeline
@@ -296,7 +297,8 @@ def make_predict_fn(config: ml_collections.ConfigDict, info: input_pipeline.Data
 def _jit(fun, *, out_shardings, static_argnames=(), donate_argnums=(), **settings):
   """`jit(partial(fun, **settings))`, one per distinct hashable `fun` and settings."""
   return jax.jit(functools.partial(fun, **settings), out_shardings=out_shardings,
-                 static_argnames=static_argnames, donate_argnums=donate_argnums)
+                 static_argnames=static_argnames, donate_argnums=donate_argnums,
+                 compiler_options=cpu_flags.compiler_options())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

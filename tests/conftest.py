@@ -9,6 +9,7 @@ import pytest
 
 from lcmt_jax import cpu_flags
 from lcmt_jax import data_sources
+from lcmt_jax import trainer
 
 # The suite compiles the same tiny train steps in many tests and in the subprocesses
 # they start; a persistent cache (inherited by subprocesses through the environment)
@@ -61,7 +62,9 @@ def _optimised_for_numerics(request):
                  and request.node.get_closest_marker('numerics') is None)
   if jax.config.read('jax_disable_most_optimizations') != unoptimised:
     jax.config.update('jax_disable_most_optimizations', unoptimised)
-    jax.clear_caches()  # The flag is not part of jit's cache key: drop the other executables.
+    jax.clear_caches()  # The flag is not part of jit's cache key: drop the other executables,
+    trainer._jit.cache_clear()  # pylint: disable=protected-access  # and the trainer's jits,
+    # whose compiler options (`cpu_flags.compiler_options`) were read with the flag.
 
 
 _CIFAR10_FILES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']

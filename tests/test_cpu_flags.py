@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from lcmt_jax import cpu_flags
+from lcmt_jax import trainer
 
 SETTING = f'--{cpu_flags.FLAG}={cpu_flags.VALUE}'
 
@@ -85,3 +86,40 @@ def test_onednn_flag_only_for_bfloat16_runs(tmp_path, monkeypatch, compute_dtype
   assert cpu_flags.configure_compute_dtype(compute_dtype) == added
   want = f'{xla_flags} {BF16_SETTING}' if added else xla_flags
   assert os.environ['XLA_FLAGS'] == want
+
+
+@pytest.mark.parametrize('environment, backend, unoptimised, want', [
+    ({}, 'cpu', False, {cpu_flags.OPT_LEVEL_OPTION: cpu_flags.OPT_LEVEL}),
+    ({'LCMT_XLA_CPU_FLAGS': '0'}, 'cpu', False, None),
+    ({'XLA_FLAGS': f'--{cpu_flags.OPT_LEVEL_OPTION}=3'}, 'cpu', False, None),
+    ({}, 'cpu', True, None),
+    ({}, 'gpu', False, None),
+], ids=['cpu', 'opt_out', 'user_flag_wins', 'most_optimizations_disabled', 'accelerator'])
+def test_compiler_options_lower_llvm_level_on_the_cpu_only(monkeypatch, environment, backend,
+                                                           unoptimised, want):
+  monkeypatch.delenv('LCMT_XLA_CPU_FLAGS', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', os.environ.get('XLA_FLAGS', '').replace(
+      cpu_flags.OPT_LEVEL_OPTION, 'xla_unrelated'))
+  for name, value in environment.items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', unoptimised)
+  try:
+    assert cpu_flags.compiler_options() == want
+  finally:
+    jax.config.update('jax_disable_most_optimizations', before)
+
+
+def _double(x):
+  return 2 * x
+
+
+def test_trainer_programs_are_compiled_with_the_compiler_options(monkeypatch):
+  jit = trainer._jit.__wrapped__  # pylint: disable=protected-access  # Not the cached factory.
+  x = jax.numpy.arange(3.0)
+  assert list(jit(_double, out_shardings=None)(x)) == [0.0, 2.0, 4.0]  # The real options compile.
+  # An option XLA does not know fails the compilation: proof that the options reach XLA.
+  monkeypatch.setattr(cpu_flags, 'compiler_options', lambda: {'xla_no_such_option_anywhere': 1})
+  with pytest.raises(Exception, match='xla_no_such_option_anywhere'):
+    jit(_double, out_shardings=None)(x)
