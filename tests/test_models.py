@@ -408,3 +408,24 @@ def test_max_pool_2x2_matches_flax_and_routes_ties_to_the_first_maximum(shape):
   out_grad = np.random.default_rng(4).normal(size=out.shape).astype(np.float32)
   np.testing.assert_array_equal(out, nn.max_pool(jnp.asarray(x), (2, 2), strides=(2, 2)))
   np.testing.assert_array_equal(vjp(out_grad)[0], _np_max_pool_2x2_gradient(x, out_grad))
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(jnp.float32, 1e-5), (jnp.bfloat16, 2**-7)],
+                         ids=['float32', 'bfloat16'])
+def test_subtract_batch_mean_values_and_gradients_match_numpy(dtype, tolerance):
+  rng = np.random.default_rng(9)
+  as_dtype = lambda a: np.asarray(jnp.asarray(a, dtype), np.float64)  # Exactly representable.
+  a, g = as_dtype(rng.normal(1.0, 2.0, (3, 4, 5, 6))), as_dtype(rng.normal(size=(3, 4, 5, 6)))
+  axes, count = (0, 1, 2), a.size // a.shape[-1]
+  # The mean's cotangent scaled so that its share of `da` (g_mean / count) is of order 1.
+  b, g_mean = rng.normal(size=6).astype(np.float32), (count * rng.normal(size=6)).astype(np.float32)
+  (out, mean), vjp = jax.vjp(models.subtract_batch_mean, jnp.asarray(a, dtype), jnp.asarray(b))
+  da, db = vjp((jnp.asarray(g, dtype), jnp.asarray(g_mean)))
+  assert out.dtype == da.dtype == dtype and mean.dtype == db.dtype == jnp.float32
+  # Mean-only BN's train-mode output and its gradient, with a cotangent for the mean too.
+  np_mean = a.mean(axis=axes)
+  checks = ((out, a - np_mean + b), (mean, np_mean),
+            (da, g + (g_mean - g.sum(axis=axes)) / count), (db, g.sum(axis=axes)))
+  for got, want in checks:
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tolerance,
+                               atol=tolerance * np.abs(want).max())
