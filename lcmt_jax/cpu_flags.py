@@ -134,17 +134,21 @@ def compiler_options() -> dict[str, int] | None:
   """
   import jax  # pylint: disable=import-outside-toplevel
 
-  if (os.environ.get(_OPT_OUT, '1') == '0' or OPT_LEVEL_OPTION in os.environ.get('XLA_FLAGS', '')
+  if (_opted_out() or OPT_LEVEL_OPTION in os.environ.get('XLA_FLAGS', '')
       or jax.config.read('jax_disable_most_optimizations')  # Level 0, which this would override.
       or jax.default_backend() != 'cpu'):
     return None
   return {OPT_LEVEL_OPTION: OPT_LEVEL}
 
 
+def _opted_out() -> bool:
+  return os.environ.get(_OPT_OUT, '1') == '0'
+
+
 def _add_flag(flag: str, value: str, known: bool, too_late: str) -> bool:
   """Appends `--flag=value` to `XLA_FLAGS` unless the module docstring's rules say not to."""
   current = os.environ.get('XLA_FLAGS', '')
-  if os.environ.get(_OPT_OUT, '1') == '0' or flag in current or not known:
+  if _opted_out() or flag in current or not known:
     return False
   backends = _initialised_backends()
   if backends:

@@ -127,22 +127,27 @@ def _max_pool_2x2_bwd(residuals, g):
 max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
-@jax.custom_vjp
-def subtract_batch_mean(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`(a - (mean(a) - b), mean(a))`: mean-only batch norm in train mode, with a gradient XLA:CPU runs fast.
-
-  The mean is over every axis but the last, in float32. The gradient is the
-  one autodiff derives (`da = g - sum(g) / count`, `db = sum(g)`), written as
-  one float32 reduction of `g` and one elementwise pass. Autodiff's form, a
-  negated float32 copy of `g` and a tree reduction of it for each of the two
-  sums, was the largest part of the CPU's bfloat16 step (BENCHMARKS.md).
-  """
+def _subtract_batch_mean(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(a - (mean(a) - b), mean(a))`, the mean over every axis but the last, in float32."""
   mean = jnp.mean(a, axis=tuple(range(a.ndim - 1)), dtype=jnp.float32)
   return a - (mean - b).astype(a.dtype), mean
 
 
+@jax.custom_vjp
+def subtract_batch_mean(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`_subtract_batch_mean` (mean-only batch norm in train mode) with a gradient XLA:CPU runs fast.
+
+  The gradient is the one autodiff derives (`da = g - sum(g) / count`,
+  `db = sum(g)`), written as one float32 reduction of `g` and one elementwise
+  pass. Autodiff's form, a negated float32 copy of `g` and a tree reduction of
+  it for each of the two sums, was the largest part of the CPU's bfloat16 step
+  (BENCHMARKS.md).
+  """
+  return _subtract_batch_mean(a, b)
+
+
 def _subtract_batch_mean_fwd(a, b):
-  return subtract_batch_mean(a, b), None
+  return _subtract_batch_mean(a, b), None
 
 
 def _subtract_batch_mean_bwd(_, cotangents):
@@ -185,9 +190,9 @@ class WeightNormMeanOnlyBN(nn.Module):
     with jax.named_scope('weight_norm'):  # Labels the profile (benchmarks/profile_summary.py).
       w = v * (g / jnp.sqrt(jnp.sum(v**2, axis=fan_in_axes) + _EPS))
     a = self._project(x.astype(self.dtype), w.astype(self.dtype))
-    stat_axes = tuple(range(a.ndim - 1))
 
     if init_mode:
+      stat_axes = tuple(range(a.ndim - 1))
       batch_mean = jnp.mean(a, axis=stat_axes, dtype=jnp.float32)
       centred = a.astype(jnp.float32) - batch_mean
       scale = self.init_scale / jnp.sqrt(jnp.mean(centred**2, axis=stat_axes) + _EPS)
@@ -198,11 +203,8 @@ class WeightNormMeanOnlyBN(nn.Module):
     with jax.named_scope('batch_norm'):  # Labels the profile (benchmarks/profile_summary.py).
       if not train:
         return a - (running_mean.value - b).astype(self.dtype)
-      if _on_cpu():
-        out, batch_mean = subtract_batch_mean(a, b)
-      else:
-        batch_mean = jnp.mean(a, axis=stat_axes, dtype=jnp.float32)
-        out = a - (batch_mean - b).astype(self.dtype)
+      # The same values everywhere; on the CPU with the gradient written for XLA:CPU.
+      out, batch_mean = (subtract_batch_mean if _on_cpu() else _subtract_batch_mean)(a, b)
     if not self.is_initializing():
       running_mean.value = ((1.0 - self.momentum) * running_mean.value
                             + self.momentum * jax.lax.stop_gradient(batch_mean))
