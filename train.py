@@ -11,10 +11,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from lcmt_jax import cpu_flags
+from lcmt_jax import cli
 from lcmt_jax import distributed
 from lcmt_jax import errors
 from lcmt_jax import trainer
+from lcmt_jax import xla_cpu
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
@@ -40,16 +41,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO.
-  try:
-    config = _CONFIG.value
-    default_workdir = f'workdirs/{config.dataset}_{config.method}'
-  except OSError as e:  # The config file failed to load; config_flags reports it on first use.
-    errors.exit_bad_command_line(e)
-  cpu_flags.configure_compute_dtype(config.compute_dtype)  # Before JAX starts.
+  config = cli.config_value(_CONFIG)
+  xla_cpu.configure(config.compute_dtype)  # Before JAX starts.
+  workdir = _WORKDIR.value or f'workdirs/{config.dataset}_{config.method}'
   try:
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    trainer.train_and_evaluate(config, _WORKDIR.value or default_workdir,
-                               allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    trainer.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except errors.UserInputError as e:
     errors.exit_with_error(e)
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 CIFAR10_UNLABELED, CIFAR10_LABELED = 46_000, 4_000
-# REFERENCE.md "Data"; the same as `input_pipeline.DATASETS['cifar10']`, which imports JAX.
+# docs/reference.md "Data"; the same as `input_pipeline.DATASETS['cifar10']`, which imports JAX.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 TORCH_ROWS = ('eager', 'bf16', 'compiled', 'epoch', 'epoch_reference', 'epoch_bf16')

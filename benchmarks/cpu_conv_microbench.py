@@ -10,16 +10,16 @@ each alone, and the same three with PyTorch (`F.conv2d`,
 `torch.ops.aten.convolution_backward` with one output mask at a time, the
 op PyTorch's autograd calls). Each framework runs in a process of its own
 (`--framework`), one after the other, `--repeats` times alternating, so that
-both see the same load. The JAX processes import `lcmt_jax.cpu_flags`, as the
-library's users do, so XLA:CPU runs the convolutions with Eigen;
+both see the same load. The JAX processes call `lcmt_jax.xla_cpu.configure` first, as
+`train.py` does, so XLA:CPU runs the convolutions with Eigen;
 `LCMT_XLA_CPU_FLAGS=0` in the environment (or `--xla_flags` naming the flag)
 leaves XLA's default, YNNPACK. `--xla_flags` sets `XLA_FLAGS` of the JAX
 processes only. The table gives the median milliseconds of each and GFLOP/s
 (2 per multiply-accumulate, padding included), and the 1-minute load average
 before and after.
 
-`--conv` picks the JAX convolution: `models` (`models.conv2d`, what the model
-uses, whose VJP writes the kernel gradient in the form XLA:CPU gives to Eigen)
+`--conv` picks the JAX convolution: `models` (`ops.conv2d`, what the model
+uses, on the CPU `xla_cpu.kernels.conv2d`, whose VJP writes the kernel gradient in the form XLA:CPU gives to Eigen)
 or `lax` (`lax.conv_general_dilated` and JAX's own transpose rules). `--dtype`
 sets the arrays' type in both frameworks (bfloat16: what the CPU's AMX units
 multiply).
@@ -63,10 +63,11 @@ def _time(fn, min_seconds: float = 0.3, max_calls: int = 20) -> float:
 
 
 def run_jax(width: int, batch: int, conv_kind: str, dtype: str) -> dict:
-  from lcmt_jax import cpu_flags  # pylint: disable=import-outside-toplevel,unused-import
+  from lcmt_jax import xla_cpu  # pylint: disable=import-outside-toplevel
+  xla_cpu.configure(dtype)  # Before JAX starts.
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from lcmt_jax import models  # pylint: disable=import-outside-toplevel
+  from lcmt_jax import ops  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   out = {}
   for name, size, k, pad, cin, cout in shapes(width):
@@ -74,7 +75,7 @@ def run_jax(width: int, batch: int, conv_kind: str, dtype: str) -> dict:
     w = jax.numpy.asarray(rng.normal(size=(k, k, cin, cout)), dtype)
     padding = 'SAME' if pad else 'VALID'
     if conv_kind == 'models':
-      conv = lambda x, w, padding=padding: models.conv2d(x, w, padding)  # pylint: disable=unnecessary-lambda-assignment
+      conv = lambda x, w, padding=padding: ops.conv2d(x, w, padding)  # pylint: disable=unnecessary-lambda-assignment
     else:
       conv = lambda x, w, padding=padding: jax.lax.conv_general_dilated(  # pylint: disable=unnecessary-lambda-assignment
           x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))

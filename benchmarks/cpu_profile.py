@@ -24,8 +24,8 @@ inside an op, so self times add up to the wall time of the step.
 PyTorch's under `torch.autocast(bfloat16)` with models and images in
 `channels_last` (the `bf16+CL` row of `benchmarks.throughput`).
 
-Each framework runs in a process of its own, JAX first. The JAX one imports
-`lcmt_jax.cpu_flags` first, as the library's users do (`LCMT_XLA_CPU_FLAGS=0`
+Each framework runs in a process of its own, JAX first. The JAX one calls
+`lcmt_jax.xla_cpu.configure` first, as `train.py` does (`LCMT_XLA_CPU_FLAGS=0`
 leaves XLA's defaults); its header prints the `XLA_FLAGS` it ran with.
 The 1-minute load average is printed next to each table.
 """
@@ -67,8 +67,8 @@ def _print_table(title: str, by_class: dict, steps: int, total_wall_s: float) ->
 # --- JAX ----------------------------------------------------------------------------------------
 
 def run_jax(args) -> None:
-  from lcmt_jax import cpu_flags  # pylint: disable=import-outside-toplevel
-  cpu_flags.configure_compute_dtype(args.dtype)  # Before JAX starts.
+  from lcmt_jax import xla_cpu  # pylint: disable=import-outside-toplevel
+  xla_cpu.configure(args.dtype)  # Before JAX starts.
   import glob  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from benchmarks import profile_summary  # pylint: disable=import-outside-toplevel
@@ -152,7 +152,7 @@ def run_torch(args) -> None:
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from torch.profiler import ProfilerActivity, profile, record_function  # pylint: disable=import-outside-toplevel
-  from benchmarks import torch_reference as ref  # pylint: disable=import-outside-toplevel
+  from lcmt_jax.testing import torch_reference as ref  # pylint: disable=import-outside-toplevel
 
   torch.set_num_threads(args.torch_threads)
   torch.manual_seed(0)

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from tests.test_trainer import REPO, TINY_FLAGS, assert_same_run
+from lcmt_jax.testing.runs import REPO, TINY_FLAGS, assert_same_run
 
 _TMP_MARK = '.orbax-checkpoint-tmp'
 

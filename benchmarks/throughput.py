@@ -7,11 +7,11 @@ Rows (each at the full ConvLarge and a 32 + 128 batch unless flags say otherwise
 - JAX step, float32 and bfloat16 compute (`ConvLarge(dtype=...)`), and
   `float32-highest` (float32 with `jax.default_matmul_precision('highest')`, no
   TF32 on GPUs): `train_step` on one fixed batch already on the device. On an accelerator the timed steps
-  run in one `lax.scan` (on the CPU too, since `models.conv2d` writes its
+  run in one `lax.scan` (on the CPU too, since `ops.conv2d` writes its
   kernel gradient in the form XLA:CPU runs fast inside a loop; BENCHMARKS.md,
   "CPU"), unless `--steps_per_call` says otherwise.
 - With `--epoch`, JAX epoch rows: one epoch end to end over synthetic uint8
-  CIFAR-size data through `trainer.run_steps` (sampling and augmentation inside
+  CIFAR-size data through `experiment.run_steps` (sampling and augmentation inside
   `jit`).
 - PyTorch rows, unless `--skip_torch`: `benchmarks.torch_throughput` (its
   docstring describes them: eager float32, bfloat16 autocast + channels_last,
@@ -21,12 +21,11 @@ Rows (each at the full ConvLarge and a 32 + 128 batch unless flags say otherwise
   back as JSON. With JAX's default preallocation it gets the quarter of the GPU
   that JAX left, far more than this model needs. `--torch_rows` picks the rows.
 
-On the CPU, `lcmt_jax.cpu_flags` (run when `lcmt_jax` is imported) adds the XLA:CPU flag
-that keeps convolutions off YNNPACK unless `XLA_FLAGS` sets it already or
+On the CPU, `lcmt_jax.xla_cpu.configure`, called first as `train.py` calls it, adds the
+XLA:CPU flag that keeps convolutions off YNNPACK unless `XLA_FLAGS` sets it already or
 `LCMT_XLA_CPU_FLAGS=0`, and a run whose JAX rows are all bfloat16 also gets the flag
-that runs bf16 convolutions on oneDNN (`cpu_flags.configure_compute_dtype`; it
-slows float32, so time the two types in separate runs); the header prints the
-`XLA_FLAGS` the run used.
+that runs bf16 convolutions on oneDNN (it slows float32, so time the two types in
+separate runs); the header prints the `XLA_FLAGS` the run used.
 
 `vs PyTorch` compares each step row with `PyTorch step float32` and each epoch
 row with `PyTorch epoch float32`; a row that could not be measured (a
@@ -66,10 +65,10 @@ from benchmarks import common
 from benchmarks import profile_summary
 from benchmarks.common import Row
 from configs import default as default_config
-from lcmt_jax import cpu_flags
+from lcmt_jax import experiment
 from lcmt_jax import input_pipeline
 from lcmt_jax import train_state
-from lcmt_jax import trainer
+from lcmt_jax import xla_cpu
 
 REFERENCE_EPOCHS = 1000
 # Dense peak TFLOP/s by device name: (bfloat16, TF32, float32 without tensor cores).
@@ -119,7 +118,7 @@ def jax_setup(args, dtype: str, steps_per_epoch: int):
   config.update(width=args.width, labeled_batch_size=args.labeled_batch,
                 unlabeled_batch_size=args.unlabeled_batch, compute_dtype=dtype.split('-')[0])
   step_config = train_state.StepConfig.from_config(config, steps_per_epoch)
-  model = trainer.build_model(config, num_classes=10)
+  model = experiment.build_model(config, num_classes=10)
   tx = train_state.make_optimizer(config, step_config)
   rng = np.random.default_rng(0)
   init_images = jnp.asarray(rng.normal(size=(args.labeled_batch, 32, 32, 3)), jnp.float32)
@@ -143,7 +142,7 @@ def random_step_batch(args) -> dict[str, jax.Array]:
 
 
 def _replicated() -> NamedSharding:
-  return NamedSharding(trainer.make_mesh(), PartitionSpec())
+  return NamedSharding(experiment.make_mesh(), PartitionSpec())
 
 
 def _time_calls(fn, state, num_calls: int, warmup_calls: int):
@@ -170,7 +169,7 @@ def _jax_step_row(args, dtype: str) -> Row:
   steps_per_call = args.steps_per_call or args.steps
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=_replicated(),
-                     compiler_options=cpu_flags.compiler_options())  # As the trainer's.
+                     compiler_options=xla_cpu.compiler_options())  # As the trainer's.
   def run(state, batch):
     one_step = lambda s, _: train_state.train_step(s, batch, step_config)  # pylint: disable=unnecessary-lambda-assignment
     if steps_per_call == 1:
@@ -191,7 +190,7 @@ def _jax_step_row(args, dtype: str) -> Row:
 
 
 def jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: str = '') -> Row:
-  """One epoch of `trainer.run_steps` over on-device data, compiled beforehand.
+  """One epoch of `experiment.run_steps` over on-device data, compiled beforehand.
 
   With `profile_dir`, one more epoch runs under `jax.profiler.trace` and its
   summary (`benchmarks.profile_summary`) is printed.
@@ -204,8 +203,8 @@ def _jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: s
   steps_per_epoch = len(data['unlabeled_images']) // args.unlabeled_batch
   config, step_config, state = jax_setup(args, dtype, steps_per_epoch)
   device_data = jax.device_put(data, _replicated())
-  run = trainer.make_train_fn(config, step_config, input_pipeline.DATASETS['cifar10'],
-                              trainer.make_mesh())
+  run = experiment.make_train_fn(config, step_config, input_pipeline.DATASETS['cifar10'],
+                              experiment.make_mesh())
   data_key = jax.random.key(1)
   steps_per_call = min(args.steps_per_call or steps_per_epoch, steps_per_epoch)
   calls = [min(steps_per_call, steps_per_epoch - s) for s in range(0, steps_per_epoch, steps_per_call)]
@@ -329,8 +328,7 @@ def main(argv=None) -> list[Row]:
   args = parse_args(argv)
   jax_dtypes = {d.split('-')[0] for d in args.dtypes.split(',') + (
       args.epoch_dtypes.split(',') if args.epoch else []) if d}
-  if jax_dtypes == {'bfloat16'}:
-    cpu_flags.configure_compute_dtype('bfloat16')
+  xla_cpu.configure('bfloat16' if jax_dtypes == {'bfloat16'} else 'float32')  # Before JAX starts.
   load_before = os.getloadavg()[0]
   backend = jax.default_backend()
   device_kind = jax.devices()[0].device_kind

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from benchmarks import torch_reference as ref
+from lcmt_jax.testing import torch_reference as ref
 
 
 class Kind(typing.NamedTuple):

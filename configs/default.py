@@ -1,10 +1,10 @@
-"""Every knob of a run, at the reference's CIFAR-10 MT+LC values (REFERENCE.md).
+"""Every knob of a run, at the reference's CIFAR-10 MT+LC values (docs/reference.md).
 
 Other configs import this and change only what differs. Config files take
 the big_vision-style argument of `--config=configs/X.py:ARG`, comma-separated
 (`parse_arguments`):
 - 'faithful' (default) reproduces every quirk of the reference; 'improved'
-  switches each quirk listed in REFERENCE.md "Quirks" to its fix;
+  switches each quirk listed in docs/reference.md "Quirks" to its fix;
 - 'labels=N': one of the paper's label counts for the data set (CIFAR-10
   4000 or 2000, SVHN 1000 or 500), with the threshold the reference gives it;
 - 'epochs=N': the whole schedule compressed (or stretched) in proportion
@@ -103,7 +103,7 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
   """Every key at the reference's CIFAR-10 MT+LC value, with `variant`'s quirk switches."""
   config = ml_collections.ConfigDict()
 
-  # Data (REFERENCE.md "Data"; README "Data" lists each source's folder layout).
+  # Data (docs/reference.md "Data"; README "Data" lists each source's folder layout).
   config.dataset = 'cifar10'  # 'cifar10' | 'svhn' | 'image_folder' | 'digits' (embedded, offline).
   # cifar-10-batches-py/, SVHN's .mat files, train/ + test/ class folders, or a tfds
   # data_dir; '' means tfds's default (~/tensorflow_datasets).
@@ -121,13 +121,14 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
   config.labeled_batch_size = 32
   config.unlabeled_batch_size = 128
 
-  # Model (REFERENCE.md "Model").
-  config.width = 128  # 3.1 M parameters; tests use 8-16.
+  # Model (docs/reference.md "Model").
+  config.model = 'convlarge'  # A name in lcmt_jax.models.MODELS.
+  config.width = 128  # Size of the feature vector (ConvLarge: 3.1 M parameters); tests use 8-16.
   config.dropout_rate = 0.5
   config.bn_momentum = 0.001  # Of the mean-only BN running mean.
   config.compute_dtype = 'float32'  # 'bfloat16' computes in bf16; params stay float32.
 
-  # Method and losses (REFERENCE.md "Losses").
+  # Method and losses (docs/reference.md "Losses").
   config.method = 'mt_lc'  # 'mt_lc' | 'mt' (Mean Teacher only) | 'supervised' (labelled data only).
   config.consistency_weight = 100.0
   config.consistency_rampup = 5.0  # Epochs.
@@ -141,7 +142,7 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
   # scale across widths; 0 keeps the fixed lc_threshold.
   config.lc_threshold_quantile = 0.0
 
-  # Optimiser (REFERENCE.md "Optimiser and schedule").
+  # Optimiser (docs/reference.md "Optimiser and schedule").
   config.learning_rate = 0.05
   config.momentum = 0.9
   config.nesterov = True
@@ -150,7 +151,7 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
   config.decay_end = 1000.0  # Epoch where the learning rate reaches 0.
   config.num_epochs = 1000  # The reference trains until decay_end.
 
-  # Quirks of the reference (REFERENCE.md "Quirks"), at their faithful values.
+  # Quirks of the reference (docs/reference.md "Quirks"), at their faithful values.
   config.selection = 'test'  # Checkpoint selection: 'test' (quirk 1) | 'validation'.
   config.schedule_granularity = 'epoch'  # Ramps and lr move per 'epoch' (quirk 2) | 'step'.
   config.teacher_init = 'independent'  # Quirk 3 | 'copy' of the student.

@@ -1,15 +1,15 @@
 """Orbax checkpoints of a run: one manager keeps the latest (for resuming) and the best.
 
 Each checkpoint, named by its epoch, holds the whole `TrainState` and a JSON
-record of the loop's own state (epoch, best so far, last evaluation), so a run
-resumes exactly from any of them. A checkpoint saved at a new best carries its
+record of the loop's own state (`LoopState`: epoch, best so far, last
+evaluation), so a run resumes exactly from any of them. A checkpoint saved at a new best carries its
 selection accuracy as an orbax metric; the manager's preservation policy keeps
 the newest checkpoint and the best one and deletes the others once a save has
 completed. Orbax writes into a temporary directory and renames it when
 complete, so a run killed mid-save resumes from the previous complete one.
 """
 
-import copy
+import dataclasses
 import os
 from typing import Any
 
@@ -19,6 +19,23 @@ import orbax.checkpoint as ocp
 from lcmt_jax import errors
 
 KINDS = ('latest', 'best')
+
+
+@dataclasses.dataclass
+class LoopState:
+  """What the training loop carries from epoch to epoch beside the train state.
+
+  `best_*` describe the evaluation with the best teacher accuracy on the
+  selection split so far (the checkpoint kept as 'best'); `last_eval` is the
+  newest evaluation. Evaluations map metric names to values.
+  """
+
+  epoch: int = 0
+  best_epoch: int = 0
+  best_selection_accuracy: float = -1.0
+  train_seconds: float = 0.0
+  best_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+  last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class CheckpointError(errors.UserInputError):
@@ -94,16 +111,16 @@ class RunCheckpoints:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'loop': ocp.JsonCheckpointHandler()})
 
-  def save(self, epoch: int, state: Any, loop_state: dict, new_best: bool) -> None:
+  def save(self, epoch: int, state: Any, loop_state: LoopState, new_best: bool) -> None:
     """Starts writing `state` and `loop_state` as checkpoint `epoch` (asynchronously).
 
     `new_best`: the evaluation of this epoch is the best so far
-    (`loop_state['best_selection_accuracy']`).
+    (`loop_state.best_selection_accuracy`).
     """
-    metric = loop_state['best_selection_accuracy'] if new_best else _NOT_A_BEST
-    # A copy: the JSON is written in the background, while the caller's loop moves on.
+    metric = loop_state.best_selection_accuracy if new_best else _NOT_A_BEST
+    # `asdict` copies: the JSON is written in the background, while the loop moves on.
     self._manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(copy.deepcopy(loop_state))),
+        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(dataclasses.asdict(loop_state))),
         metrics={_METRIC: metric})
 
   def epoch_of(self, kind: str) -> int | None:
@@ -115,7 +132,7 @@ class RunCheckpoints:
       return None  # Every checkpoint predates the first evaluation.
     return best
 
-  def restore(self, kind: str, target_state: Any | None = None) -> tuple[Any, dict]:
+  def restore(self, kind: str, target_state: Any | None = None) -> tuple[Any, LoopState]:
     """The `kind` checkpoint: `(state, loop_state)`.
 
     With `target_state` the state comes back with its structure and
@@ -143,6 +160,7 @@ class RunCheckpoints:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
       restored = manager.restore(epoch, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+      loop_state = LoopState(**restored.loop)
     except CheckpointMismatchError:
       raise
     # Orbax and tensorstore report a damaged file as any of these (tensorstore's
@@ -153,8 +171,8 @@ class RunCheckpoints:
           f'{str(e).splitlines()[0] if str(e) else ""}); move it away to start that run over, '
           f'or use a new --workdir') from e
     if target_state is None:  # Plain arrays throughout: a PRNG key as its key data.
-      return jax.tree.map(_plain_array, restored.state), restored.loop
-    return restored.state, restored.loop
+      return jax.tree.map(_plain_array, restored.state), loop_state
+    return restored.state, loop_state
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -10,12 +10,9 @@ import ml_collections
 
 from lcmt_jax import data_sources
 from lcmt_jax import errors
-
-# The allowed values of the keys that choose a behaviour; lower layers take them from here.
-METHODS = ('mt_lc', 'mt', 'supervised')
-GRANULARITIES = ('epoch', 'step')
-TEACHER_INITS = ('independent', 'copy')
-WEIGHT_DECAY_PARAMS = ('all', 'kernels')
+from lcmt_jax import models
+from lcmt_jax import schedules
+from lcmt_jax import train_state
 
 
 class ConfigError(errors.UserInputError):
@@ -68,11 +65,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'split_seed': _int_at_least(0),
     'labeled_batch_size': _int_at_least(1),
     'unlabeled_batch_size': _int_at_least(1),
+    'model': _one_of(*models.MODELS),
     'width': _int_at_least(1),
     'dropout_rate': _number_in(0.0, 1.0, high_open=True),
     'bn_momentum': _number_in(0.0, 1.0, low_open=True),
     'compute_dtype': _one_of('float32', 'bfloat16'),
-    'method': _one_of(*METHODS),
+    'method': _one_of(*train_state.METHODS),
     'consistency_weight': _number_in(0.0, _INF),
     'consistency_rampup': _number_in(0.0, _INF, high_open=True),
     'ema_decay': _number_in(0.0, 1.0),
@@ -89,10 +87,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'decay_end': _number_in(0.0, _INF, high_open=True),
     'num_epochs': _int_at_least(1),
     'selection': _one_of('test', 'validation'),
-    'schedule_granularity': _one_of(*GRANULARITIES),
-    'teacher_init': _one_of(*TEACHER_INITS),
+    'schedule_granularity': _one_of(*schedules.GRANULARITIES),
+    'teacher_init': _one_of(*train_state.TEACHER_INITS),
     'joint_forward': _BOOL,
-    'weight_decay_params': _one_of(*WEIGHT_DECAY_PARAMS),
+    'weight_decay_params': _one_of(*train_state.WEIGHT_DECAY_PARAMS),
     'seed': _int_at_least(0),
     'steps_per_call': _int_at_least(0),
     'eval_every_epochs': _int_at_least(1),

@@ -12,10 +12,8 @@ with a one-line error and exit status 2, as `train.py` does.
 """
 
 import dataclasses
-import functools
-import json
 import os
-import sys
+import pickle
 from typing import Any, Callable
 
 import jax
@@ -24,18 +22,15 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lcmt_jax import checkpointing
-from lcmt_jax import configuration
+from lcmt_jax import cli
 from lcmt_jax import errors
+from lcmt_jax import eval_metrics
+from lcmt_jax import experiment
 from lcmt_jax import input_pipeline
 from lcmt_jax import torch_import
 from lcmt_jax import train_state
-from lcmt_jax import trainer
-
-SPLITS = ('test', 'validation')
-
-
-class RunNotFoundError(errors.UserInputError):
-  """The workdir does not exist or holds no run config."""
+from lcmt_jax import workdir as workdir_files
+from lcmt_jax import xla_cpu
 
 
 class CheckpointNotFoundError(errors.UserInputError):
@@ -71,34 +66,12 @@ class Evaluable:
     return getattr(self.split, f'{split_name}_labels')
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with, from `workdir/config.json`."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isdir(workdir):
-    raise RunNotFoundError(f'no such workdir: {workdir}')
-  if not os.path.isfile(path):
-    raise RunNotFoundError(f'{workdir} holds no config.json: it is not a run workdir written by '
-                           'train.py')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def _prepare(config: ml_collections.ConfigDict, key: jax.Array):
-  """The split, its on-device data, a freshly built state and a jitted predict, as the trainer has."""
-  mesh = trainer.make_mesh()
-  configuration.validate(config, mesh.size)
-  split = input_pipeline.load_split(config)
-  data = trainer.put_data_on_device(split, mesh)
-  step_config = trainer.build_step_config(config, split)
-  state = trainer.build_state(config, split.info, data, mesh, step_config, key)
-  return split, data, state, trainer.make_predict_fn(config, split.info, mesh)
-
-
 def restore_run(workdir: str, kind: str = 'best') -> Evaluable:
   """The run in `workdir` with its newest `kind` checkpoint ('best' or 'latest')."""
   if kind not in checkpointing.KINDS:
     raise CheckpointNotFoundError(f'checkpoint kind {kind!r} is not one of {checkpointing.KINDS}')
-  config = load_run_config(workdir)
+  config = workdir_files.load_config(workdir)
+  xla_cpu.configure(config.compute_dtype)  # Before the first JAX array.
   directory = os.path.join(workdir, 'checkpoints')
   # Orbax creates a missing directory even for a read-only manager, so look first.
   checkpoints = (checkpointing.RunCheckpoints(workdir, read_only=True)
@@ -107,14 +80,14 @@ def restore_run(workdir: str, kind: str = 'best') -> Evaluable:
     if checkpoints is None or checkpoints.epoch_of(kind) is None:
       raise CheckpointNotFoundError(f'{workdir} has no {kind} checkpoint (looked in {directory}); '
                                     'train the run first, or pick the other --checkpoint kind')
-    split, data, target, predict_fn = _prepare(config, jax.random.key(config.seed))
-    state, loop = checkpoints.restore(kind, target)
+    run = experiment.build(config)
+    state, loop = checkpoints.restore(kind, run.state)
   finally:
     if checkpoints is not None:
       checkpoints.close()
-  description = (f'{workdir}: {kind} checkpoint (epoch {loop["epoch"]}), {config.method} on '
+  description = (f'{workdir}: {kind} checkpoint (epoch {loop.epoch}), {config.method} on '
                  f'{config.dataset}, seed {config.seed}')
-  return Evaluable(config, split, data, state, predict_fn,
+  return Evaluable(config, run.split, run.data, state, run.predict_fn,
                    {'student': 'student', 'teacher': 'teacher'}, description)
 
 
@@ -123,8 +96,10 @@ def _read_torch_variables(path: str, key: str) -> dict:
     raise TorchCheckpointError(f'no such PyTorch checkpoint file: {path}')
   try:
     return torch_import.load_reference_state_dict(path, key=key)
-  # torch.load reports a damaged or foreign file with many exception types.
-  except Exception as e:  # pylint: disable=broad-except
+  # What torch.load(weights_only=True) raises for a damaged, truncated or foreign file (a
+  # refused global: UnpicklingError; a broken zip: RuntimeError), and the import's own checks.
+  except (ImportError, OSError, EOFError, RuntimeError, ValueError,
+          pickle.UnpicklingError) as e:
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise TorchCheckpointError(f'cannot read {path} as a reference ConvLarge checkpoint: '
                                f'{reason}') from e
@@ -136,51 +111,37 @@ def import_torch_checkpoint(config: ml_collections.ConfigDict, path: str,
 
   The width follows the checkpoint; its class count must match the data set's.
   """
+  xla_cpu.configure(config.compute_dtype)  # Before the first JAX array.
   variables = _read_torch_variables(path, key)
   config = ml_collections.ConfigDict(config.to_dict())
+  config.model = 'convlarge'
   config.width = int(variables['params']['conv1a']['v'].shape[-1])
   num_classes = int(variables['params']['dense']['v'].shape[-1])
-  split, data, target, predict_fn = _prepare(config, jax.random.key(0))
-  if num_classes != split.info.num_classes:
+  run = experiment.build(config)
+  if num_classes != run.info.num_classes:
     raise TorchCheckpointError(f'{path} has {num_classes} outputs but {config.dataset} has '
-                               f'{split.info.num_classes} classes: pass the matching --config')
-  replicated = NamedSharding(trainer.make_mesh(), PartitionSpec())
+                               f'{run.info.num_classes} classes: pass the matching --config')
+  replicated = NamedSharding(run.mesh, PartitionSpec())
   params, batch_stats = (jax.device_put(variables[c], replicated) for c in ('params', 'batch_stats'))
-  if jax.tree.structure(params) != jax.tree.structure(target.params):
+  if jax.tree.structure(params) != jax.tree.structure(run.state.params):
     raise TorchCheckpointError(f'{path} does not hold a ConvLarge of this project')
-  state = target.replace(params=params, batch_stats=batch_stats, teacher_params=params,
-                         teacher_batch_stats=batch_stats)
+  state = run.state.replace(params=params, batch_stats=batch_stats, teacher_params=params,
+                            teacher_batch_stats=batch_stats)
   description = f'{path}: PyTorch reference checkpoint (width {config.width}) on {config.dataset}'
-  return Evaluable(config, split, data, state, predict_fn, {'model': 'teacher'}, description)
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-  """`counts[true, predicted]`, int64."""
-  flat = np.asarray(labels, np.int64) * num_classes + np.asarray(predictions, np.int64)
-  return np.bincount(flat, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
-def error_rate(confusion: np.ndarray) -> float:
-  """`1 - trace / total`: the top-1 error."""
-  return 1.0 - float(np.trace(confusion)) / float(confusion.sum())
-
-
-def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
-  """The recall of each class: the diagonal over the row sums (NaN for an absent class)."""
-  with np.errstate(invalid='ignore', divide='ignore'):
-    return np.diag(confusion) / confusion.sum(axis=1)
+  return Evaluable(config, run.split, run.data, state, run.predict_fn, {'model': 'teacher'},
+                   description)
 
 
 def evaluate(evaluable: Evaluable) -> dict[str, dict[str, np.ndarray]]:
   """Confusion matrices `{split: {network: counts[true, predicted]}}` of every non-empty split."""
   num_classes = evaluable.split.info.num_classes
   results = {}
-  for split_name in SPLITS:
+  for split_name in eval_metrics.SPLITS:
     labels = evaluable.labels(split_name)
     if len(labels):
       predictions = evaluable.predict(split_name)
       results[split_name] = {
-          name: confusion_matrix(labels, predictions[network], num_classes)
+          name: eval_metrics.confusion_matrix(labels, predictions[network], num_classes)
           for name, network in evaluable.networks.items()}
   return results
 
@@ -190,7 +151,8 @@ def format_confusion(confusion: np.ndarray) -> str:
   classes = range(confusion.shape[0])
   width = max(5, len(str(confusion.max())) + 1)
   lines = ['true\\pred' + ''.join(f'{c:>{width}}' for c in classes) + '  accuracy']
-  for c, (row, accuracy) in enumerate(zip(confusion, per_class_accuracy(confusion))):
+  recall = eval_metrics.per_class_accuracy(confusion)
+  for c, (row, accuracy) in enumerate(zip(confusion, recall)):
     lines.append(f'{c:>9}' + ''.join(f'{n:>{width}}' for n in row) + f'  {100 * accuracy:7.2f}%')
   return '\n'.join(lines)
 
@@ -200,7 +162,7 @@ def format_results(description: str, results: dict[str, dict[str, np.ndarray]]) 
   for split_name, by_network in results.items():
     total = int(next(iter(by_network.values())).sum())
     lines.append(f'{split_name} ({total} images): ' + ', '.join(
-        f'{name} error {100 * error_rate(c):.2f}%' for name, c in by_network.items()))
+        f'{name} error {100 * eval_metrics.error_rate(c):.2f}%' for name, c in by_network.items()))
   for split_name, by_network in results.items():
     for name, confusion in by_network.items():
       lines += ['', f'{name} on {split_name}: confusion matrix and per-class accuracy',
@@ -209,7 +171,6 @@ def format_results(description: str, results: dict[str, dict[str, np.ndarray]]) 
 
 
 def _define_flags() -> Any:
-  # Imported here so that importing this module defines no absl flags.
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('workdir', None, 'A run directory written by train.py.')
@@ -225,38 +186,22 @@ def _define_flags() -> Any:
 
 def main(argv: list[str], config_flag: Any) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from absl import logging  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
-    errors.exit_with_error(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
+    raise errors.UserInputError(f'unexpected arguments: {" ".join(argv[1:])}')
   workdir, torch_path = flags.FLAGS.workdir, flags.FLAGS.torch_checkpoint
   if (workdir is None) == (torch_path is None):
-    errors.exit_with_error('give exactly one of --workdir=DIR or --torch_checkpoint=FILE --config=CONFIG.py')
-  try:
-    if workdir is not None:
-      evaluable = restore_run(workdir, flags.FLAGS.checkpoint)
-    else:
-      try:
-        config = config_flag.value
-      except errors.BAD_FLAG_ERRORS as e:
-        message = errors.command_line_mistake(e, sys.argv)
-        if message is None:  # A bug inside the config file: its traceback.
-          raise
-        errors.exit_with_error(f'bad --config ({message})')
-      if config is None:
-        errors.exit_with_error('--torch_checkpoint needs --config=CONFIG.py naming the data set to evaluate on')
-      evaluable = import_torch_checkpoint(config, torch_path, flags.FLAGS.torch_key)
-    print(format_results(evaluable.description, evaluate(evaluable)), flush=True)
-  except errors.UserInputError as e:
-    errors.exit_with_error(str(e))
-
-
-def run() -> None:
-  from absl import app  # pylint: disable=import-outside-toplevel
-  config_flag = _define_flags()
-  app.run(functools.partial(main, config_flag=config_flag),
-          flags_parser=errors.parse_flags_or_exit)
+    raise errors.UserInputError(
+        'give exactly one of --workdir=DIR or --torch_checkpoint=FILE --config=CONFIG.py')
+  if workdir is not None:
+    evaluable = restore_run(workdir, flags.FLAGS.checkpoint)
+  else:
+    config = cli.config_value(config_flag)
+    if config is None:
+      raise errors.UserInputError(
+          '--torch_checkpoint needs --config=CONFIG.py naming the data set to evaluate on')
+    evaluable = import_torch_checkpoint(config, torch_path, flags.FLAGS.torch_key)
+  print(format_results(evaluable.description, evaluate(evaluable)), flush=True)
 
 
 if __name__ == '__main__':
-  run()
+  cli.run(main, _define_flags)

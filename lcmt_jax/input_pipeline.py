@@ -1,6 +1,6 @@
 """Data: the labelled/unlabelled split, on-device augmentation and batches.
 
-REFERENCE.md "Data" is the spec; `data_sources` reads the files. Images stay
+docs/reference.md "Data" is the spec; `data_sources` reads the files. Images stay
 uint8 on the host and on the accelerator; `sample_batch` picks, augments
 (twice: student and teacher view) and normalises a step's batch inside the
 jitted training step, as a pure function of an RNG key and the step number.
@@ -26,7 +26,7 @@ class DataRequestError(errors.UserInputError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """Static facts about a data set (REFERENCE.md "Data"), as the on-device pipeline needs them."""
+  """Static facts about a data set (docs/reference.md "Data"), as the on-device pipeline needs them."""
 
   name: str
   num_classes: int
@@ -114,11 +114,11 @@ def split_indices(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Returns sorted `(labeled_idx, unlabeled_idx, validation_idx)` into `labels`.
 
-  The labelled draw is the reference's (REFERENCE.md "Data"): NumPy's legacy
+  The labelled draw is the reference's (docs/reference.md "Data"): NumPy's legacy
   RNG seeded once with `seed`, then `choice(class_indices, k, replace=False)`
   per class in sorted order. `RandomState(seed)` draws exactly what
   `np.random.seed(seed)` does, without touching the global RNG. The optional
-  validation draw (REFERENCE.md "Quirks" 1) comes after it from the class's
+  validation draw (docs/reference.md "Quirks" 1) comes after it from the class's
   remaining indices with its own RNG, so it never changes the labelled set.
   Unlabelled is every index in neither.
   """
@@ -205,7 +205,7 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
 def augment(key: jax.Array, images: jax.Array, info: DatasetInfo) -> jax.Array:
   """Random crop after 2-pixel zero padding, a random flip if `info.random_flip`, normalise.
 
-  REFERENCE.md "Data", train augmentation: torchvision's
+  docs/reference.md "Data", train augmentation: torchvision's
   `RandomCrop(32, padding=2)` pads the uint8 image with zeros before
   normalisation, and every offset in [0, 4] is equally likely.
   """
@@ -247,7 +247,7 @@ def shuffles(key: jax.Array, first_epoch: jax.Array, num_epochs: int, num_labele
              num_unlabeled: int, labeled_batch_size: int, unlabeled_batch_size: int) -> Shuffles:
   """The shuffles of `num_epochs` epochs from `first_epoch`, drawn once for many steps.
 
-  Mirrors the reference's loaders (REFERENCE.md "Data"): epoch `e` is a fresh
+  Mirrors the reference's loaders (docs/reference.md "Data"): epoch `e` is a fresh
   shuffle of the unlabelled set; the labelled loader is rebuilt at the start
   of each epoch and reshuffled whenever it runs out within it. `key` is the one
   given to `sample_batch`. A shuffle of the 46,000 CIFAR-10 images is a sort,

@@ -1,4 +1,4 @@
-"""Loss terms of Mean Teacher with Local Clustering (REFERENCE.md "Losses").
+"""Loss terms of Mean Teacher with Local Clustering (docs/reference.md "Losses").
 
 All are pure functions of arrays and run under `jit`; they compute in float32
 whatever the network's compute dtype.
@@ -71,7 +71,7 @@ def pairwise_clustering_loss(a: jax.Array, b: jax.Array, threshold: float | jax.
   Pulls together the pairs that are already close (`d <= T`), weighting
   nearer pairs more. Gradients flow through both factors into `a` and `b`.
   Where no pair is within the threshold the reference divides 0 by 0 (NaN,
-  REFERENCE.md quirk 4); here the loss and its gradient are 0.
+  docs/reference.md quirk 4); here the loss and its gradient are 0.
   """
   d = pairwise_mean_squared_distances(a, b)
   mask = within_threshold(d, threshold)

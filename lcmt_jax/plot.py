@@ -19,6 +19,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from lcmt_jax import cli  # pylint: disable=wrong-import-position
 from lcmt_jax import errors  # pylint: disable=wrong-import-position
 from lcmt_jax import metrics_log  # pylint: disable=wrong-import-position
 
@@ -166,26 +167,7 @@ def _save(fig, path: str) -> str:
   return path
 
 
-def main(argv: list[str]) -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from absl import logging  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.WARNING)
-  # `--workdir=A B C`: the words after the flag are more workdirs.
-  workdirs = list(flags.FLAGS.workdir or []) + argv[1:]
-  try:
-    if not workdirs:
-      raise errors.UserInputError('give at least one --workdir=DIR')
-    if not flags.FLAGS.out:
-      raise errors.UserInputError('give --out=FIGDIR, the directory for the PNG files')
-    for path in make_figures(workdirs, flags.FLAGS.out, checkpoint=flags.FLAGS.checkpoint,
-                             projection=flags.FLAGS.projection, tsne=flags.FLAGS.tsne):
-      print(f'wrote {path} ({os.path.getsize(path) // 1024} KiB)', flush=True)
-  except errors.UserInputError as e:
-    errors.exit_with_error(e)
-
-
-def run() -> None:
-  from absl import app  # pylint: disable=import-outside-toplevel
+def _define_flags() -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_multi_string('workdir', None, 'Run directories to plot (more may follow the flag).')
   flags.DEFINE_string('out', None, 'Directory for the PNG files.')
@@ -193,8 +175,20 @@ def run() -> None:
                     'The checkpoint whose teacher features are projected.')
   flags.DEFINE_bool('projection', True, 'Also draw the PCA projection of the teacher features.')
   flags.DEFINE_bool('tsne', False, 'Also draw a t-SNE projection (slower).')
-  app.run(main, flags_parser=errors.parse_flags_or_exit)
+
+
+def main(argv: list[str], _) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  # `--workdir=A B C`: the words after the flag are more workdirs.
+  workdirs = list(flags.FLAGS.workdir or []) + argv[1:]
+  if not workdirs:
+    raise errors.UserInputError('give at least one --workdir=DIR')
+  if not flags.FLAGS.out:
+    raise errors.UserInputError('give --out=FIGDIR, the directory for the PNG files')
+  for path in make_figures(workdirs, flags.FLAGS.out, checkpoint=flags.FLAGS.checkpoint,
+                           projection=flags.FLAGS.projection, tsne=flags.FLAGS.tsne):
+    print(f'wrote {path} ({os.path.getsize(path) // 1024} KiB)', flush=True)
 
 
 if __name__ == '__main__':
-  run()
+  cli.run(main, _define_flags)

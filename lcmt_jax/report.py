@@ -17,7 +17,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from lcmt_jax import cli
 from lcmt_jax import errors
+from lcmt_jax import files
 from lcmt_jax import metrics_log
 
 # (summary key, column title), every column in percent.
@@ -138,26 +140,20 @@ def report(paths: Sequence[str]) -> str:
   return build_table(runs) + '\n\n' + note + '\n'
 
 
-def main(argv: list[str]) -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  try:
-    if len(argv) < 2:
-      raise errors.UserInputError('give one or more run directories: python -m lcmt_jax.report DIR')
-    text = report(argv[1:])
-  except errors.UserInputError as e:
-    errors.exit_with_error(e)
-  print(text, end='')
-  if flags.FLAGS.out:
-    with open(flags.FLAGS.out, 'w') as f:
-      f.write(text)
-
-
-def run() -> None:
-  from absl import app  # pylint: disable=import-outside-toplevel
+def _define_flags() -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('out', None, 'Also write the table to this markdown file.')
-  app.run(main, flags_parser=errors.parse_flags_or_exit)
+
+
+def main(argv: list[str], _) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if len(argv) < 2:
+    raise errors.UserInputError('give one or more run directories: python -m lcmt_jax.report DIR')
+  text = report(argv[1:])
+  print(text, end='')
+  if flags.FLAGS.out:
+    files.write_atomically(flags.FLAGS.out, text)
 
 
 if __name__ == '__main__':
-  run()
+  cli.run(main, _define_flags)

@@ -1,4 +1,4 @@
-"""Ramps and the learning-rate decay (REFERENCE.md "Losses", "Optimiser and schedule").
+"""Ramps and the learning-rate decay (docs/reference.md "Losses", "Optimiser and schedule").
 
 The reference moves its schedules once per epoch, with epochs counted from 1
 (quirk 2). `schedule_epoch` turns the global step into that epoch number, or
@@ -8,7 +8,8 @@ into a continuous one that agrees with it at each epoch's first step.
 import jax
 import jax.numpy as jnp
 
-from lcmt_jax import configuration
+# How often the schedules move: once per epoch, as the reference (quirk 2), or every step.
+GRANULARITIES = ('epoch', 'step')
 
 
 def schedule_epoch(step: jax.Array, steps_per_epoch: int, granularity: str) -> jax.Array:
@@ -17,8 +18,8 @@ def schedule_epoch(step: jax.Array, steps_per_epoch: int, granularity: str) -> j
   'epoch': `step // steps_per_epoch + 1`, as the reference; 'step':
   `step / steps_per_epoch + 1`, which moves every step.
   """
-  if granularity not in configuration.GRANULARITIES:
-    raise ValueError(f'schedule granularity must be one of {configuration.GRANULARITIES}, '
+  if granularity not in GRANULARITIES:
+    raise ValueError(f'schedule granularity must be one of {GRANULARITIES}, '
                      f'got {granularity!r}')
   if granularity == 'epoch':
     return (jnp.asarray(step) // steps_per_epoch + 1).astype(jnp.float32)

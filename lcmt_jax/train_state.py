@@ -1,6 +1,6 @@
 """Train state and the pure, jit-compiled training and evaluation steps.
 
-One step does what REFERENCE.md "Mean Teacher" and "Losses" list: student and
+One step does what docs/reference.md "Mean Teacher" and "Losses" list: student and
 teacher forward passes in train mode, cross-entropy + ramped consistency +
 gated, ramped local clustering, an SGD step on the student, then the EMA
 update of the teacher, which is kept as its own parameter pytree.
@@ -17,12 +17,13 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from lcmt_jax import configuration
 from lcmt_jax import losses
 from lcmt_jax import models
 from lcmt_jax import schedules
 
-
+METHODS = ('mt_lc', 'mt', 'supervised')
+TEACHER_INITS = ('independent', 'copy')  # Quirk 3: the reference's teacher is 'independent'.
+WEIGHT_DECAY_PARAMS = ('all', 'kernels')  # Quirk 6: the reference decays 'all'.
 
 class TrainState(train_state.TrainState):
   """Student (`params`, `opt_state` from the base class), teacher, both BN states, RNG.
@@ -94,7 +95,8 @@ def make_optimizer(config: ml_collections.ConfigDict, step_config: StepConfig) -
   `add_decayed_weights` before `sgd` makes the momentum buffer accumulate
   `grad + wd * param`, as `torch.optim.SGD(weight_decay=...)` does. The
   reference decays every parameter, `g` and `b` included (quirk 6);
-  `weight_decay_params='kernels'` restricts it to the directions `v`.
+  `weight_decay_params='kernels'` restricts it to the kernels (every
+  parameter of more than one dimension: ConvLarge's directions `v`).
   """
   return _optimizer(step_config, float(config.weight_decay), config.weight_decay_params,
                     float(config.momentum), bool(config.nesterov))
@@ -107,7 +109,7 @@ def _optimizer(step_config: StepConfig, weight_decay: float, weight_decay_params
   # same tree structure and share jit's cache entries (lcmt_jax/trainer.py).
   mask = None
   if weight_decay_params == 'kernels':
-    mask = lambda params: jax.tree.map_with_path(lambda path, _: path[-1].key == 'v', params)
+    mask = lambda params: jax.tree.map(lambda leaf: leaf.ndim > 1, params)
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask=mask),
       optax.sgd(step_config.learning_rate, momentum=momentum, nesterov=nesterov),
@@ -123,17 +125,13 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
   data-dependent initialisation from its own batch, as the reference does
   (quirk 3); `'copy'` starts it as an exact copy of the student.
   """
-  if teacher_init not in configuration.TEACHER_INITS:
-    raise ValueError(f'teacher_init must be one of {configuration.TEACHER_INITS}, got {teacher_init!r}')
+  if teacher_init not in TEACHER_INITS:
+    raise ValueError(f'teacher_init must be one of {TEACHER_INITS}, got {teacher_init!r}')
   student_key, teacher_key, student_ddi_key, teacher_ddi_key, rng = jax.random.split(key, 5)
-  student = models.data_dependent_init(
-      model, models.init_variables(model, student_key, student_init_images),
-      student_init_images, student_ddi_key)
+  student = models.initialize(model, student_key, student_init_images, student_ddi_key)
   teacher = student
   if teacher_init == 'independent':
-    teacher = models.data_dependent_init(
-        model, models.init_variables(model, teacher_key, teacher_init_images),
-        teacher_init_images, teacher_ddi_key)
+    teacher = models.initialize(model, teacher_key, teacher_init_images, teacher_ddi_key)
   return TrainState.create(
       apply_fn=model.apply, params=student['params'], tx=tx,
       batch_stats=student['batch_stats'], teacher_params=teacher['params'],

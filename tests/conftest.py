@@ -7,9 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from lcmt_jax import cpu_flags
 from lcmt_jax import data_sources
-from lcmt_jax import trainer
+from lcmt_jax import experiment
+from lcmt_jax import xla_cpu
+from lcmt_jax.xla_cpu import flags as xla_cpu_flags
+
+# The XLA:CPU flags train.py sets, before JAX starts (subprocesses inherit them).
+xla_cpu.configure()
 
 # The suite compiles the same tiny train steps in many tests and in the subprocesses
 # they start; a persistent cache (inherited by subprocesses through the environment)
@@ -39,7 +43,7 @@ for _name, _value in _SETTINGS.items():
 # which compiles dozens, uses the older ones where jaxlib has the flag. Subprocesses inherit
 # it (`subprocess_xla_flags` for those that set XLA_FLAGS); a value in XLA_FLAGS wins.
 _EMITTERS = 'xla_cpu_use_fusion_emitters'
-if cpu_flags.jaxlib_has_flag(_EMITTERS) and _EMITTERS not in os.environ.get('XLA_FLAGS', ''):
+if xla_cpu_flags.jaxlib_has_flag(_EMITTERS) and _EMITTERS not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} --{_EMITTERS}=false'.strip()
 
 
@@ -63,8 +67,8 @@ def _optimised_for_numerics(request):
   if jax.config.read('jax_disable_most_optimizations') != unoptimised:
     jax.config.update('jax_disable_most_optimizations', unoptimised)
     jax.clear_caches()  # The flag is not part of jit's cache key: drop the other executables,
-    trainer._jit.cache_clear()  # pylint: disable=protected-access  # and the trainer's jits,
-    # whose compiler options (`cpu_flags.compiler_options`) were read with the flag.
+    experiment.clear_compiled()  # and the compiled functions of runs, whose compiler
+    # options (`xla_cpu.compiler_options`) were read with the flag.
 
 
 _CIFAR10_FILES = [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']

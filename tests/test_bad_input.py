@@ -13,7 +13,8 @@ import pytest
 from lcmt_jax import configuration
 from tests import conftest
 from tests import helpers
-from tests.test_trainer import TINY_FLAGS, tiny_config
+from lcmt_jax.testing.runs import TINY_FLAGS
+from tests.test_trainer import tiny_config
 
 TINY_COMMAND = ['--config=configs/quickstart.py', *TINY_FLAGS, '--config.num_epochs=1']
 

@@ -1,4 +1,4 @@
-"""Every config file and argument against REFERENCE.md's tables, values written out by hand.
+"""Every config file and argument against docs/reference.md's tables, values written out by hand.
 
 Loading a config builds a ConfigDict and nothing else, so this whole file runs in
 about a second.
@@ -20,7 +20,7 @@ def _load(name, arg=None):
   return importlib.import_module(f'configs.{name}').get_config(arg)
 
 
-# Every run of REFERENCE.md (Data; Mean Teacher; Losses; Optimiser and schedule).
+# Every run of docs/reference.md (Data; Mean Teacher; Losses; Optimiser and schedule).
 COMMON = {
     'split_seed': 2,
     'labeled_batch_size': 32,
@@ -44,7 +44,7 @@ COMMON = {
     'weight_decay_params': 'all',
 }
 
-# REFERENCE.md's table, one row per config file; the MT-only rows use the
+# docs/reference.md's table, one row per config file; the MT-only rows use the
 # schedules of the reference's comments ([600, 800] and [300, 500]).
 TABLE = {
     'cifar10': {'dataset': 'cifar10', 'method': 'mt_lc', 'decay_start': 800, 'decay_end': 1000,
@@ -69,7 +69,7 @@ LABELS['cifar10_mt'], LABELS['svhn_mt'] = LABELS['cifar10'], LABELS['svhn']
 CASES = [(name, labels) for name in CONFIG_FILES for labels in LABELS[name]]
 CASE_IDS = [f'{name}-labels={labels}' for name, labels in CASES]
 
-QUIRK_SWITCHES = {  # REFERENCE.md "Quirks" 1, 2, 3, 5 and 6, at their fixes.
+QUIRK_SWITCHES = {  # docs/reference.md "Quirks" 1, 2, 3, 5 and 6, at their fixes.
     'selection': 'validation',
     'schedule_granularity': 'step',
     'teacher_init': 'copy',
@@ -91,7 +91,7 @@ def test_config_matches_the_reference_table(name, labels):
   if row['method'] == 'mt_lc':
     expected['lc_threshold'] = threshold
   for key, value in expected.items():
-    assert config[key] == value, f'{name}:{_argument(labels)}: config.{key}={config[key]!r}, REFERENCE.md: {value!r}'
+    assert config[key] == value, f'{name}:{_argument(labels)}: config.{key}={config[key]!r}, docs/reference.md: {value!r}'
   assert config.labeled_per_class * 10 == (labels or per_class * 10)  # Ten classes.
   # "training stops after epoch decay_end".
   assert config.num_epochs == row['decay_end'] and isinstance(config.num_epochs, int)

@@ -21,7 +21,8 @@ from lcmt_jax import input_pipeline
 from lcmt_jax import trainer
 from tests import helpers
 from tests.test_input_pipeline import _reference_labeled_indices
-from tests.test_trainer import REPO, TINY_FLAGS, tiny_config
+from lcmt_jax.testing.runs import REPO, TINY_FLAGS
+from tests.test_trainer import tiny_config
 
 TINY_COMMAND = ['--config=configs/quickstart.py', *TINY_FLAGS, '--config.num_epochs=1']
 

@@ -11,7 +11,7 @@ import pytest
 from lcmt_jax import distributed
 from lcmt_jax import errors
 from tests import conftest
-from tests.test_trainer import REPO, TINY_FLAGS, assert_same_run
+from lcmt_jax.testing.runs import REPO, TINY_FLAGS, assert_same_run
 
 
 def free_port() -> int:

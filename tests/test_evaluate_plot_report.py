@@ -12,15 +12,17 @@ import pytest
 from sklearn import metrics as sk_metrics
 
 from lcmt_jax import checkpointing
+from lcmt_jax import eval_metrics
 from lcmt_jax import evaluate
+from lcmt_jax import experiment
 from lcmt_jax import input_pipeline
 from lcmt_jax import models
 from lcmt_jax import plot
 from lcmt_jax import report
 from lcmt_jax import torch_import
-from lcmt_jax import trainer
 from tests import helpers
-from tests.test_trainer import REPO, tiny_config
+from lcmt_jax.testing.runs import REPO
+from tests.test_trainer import tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -43,7 +45,7 @@ def test_evaluate_equals_an_independent_recomputation(one_epoch_run, restored):
   raw, _ = checkpoints.restore('latest')
   checkpoints.close()
   split = input_pipeline.load_split(config)
-  model = trainer.build_model(config, split.info.num_classes)
+  model = experiment.build_model(config, split.info.num_classes)
   images = input_pipeline.normalize(split.test_images, split.info.mean, split.info.std)
   for network, prefix in (('student', ''), ('teacher', 'teacher_')):
     variables = {'params': raw[f'{prefix}params'], 'batch_stats': raw[f'{prefix}batch_stats']}
@@ -54,9 +56,9 @@ def test_evaluate_equals_an_independent_recomputation(one_epoch_run, restored):
     np.testing.assert_array_equal(confusion, expected)
     np.testing.assert_array_equal(confusion.sum(axis=1), np.bincount(split.test_labels))
     accuracy = np.trace(confusion) / confusion.sum()
-    assert evaluate.error_rate(confusion) == pytest.approx(1 - accuracy, abs=1e-12)
+    assert eval_metrics.error_rate(confusion) == pytest.approx(1 - accuracy, abs=1e-12)
     assert 1 - accuracy == pytest.approx(summary[f'final/test/{network}_error'], abs=1e-6)
-    np.testing.assert_allclose(evaluate.per_class_accuracy(confusion),
+    np.testing.assert_allclose(eval_metrics.per_class_accuracy(confusion),
                                np.diag(confusion) / np.bincount(split.test_labels))
 
 

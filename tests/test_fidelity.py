@@ -1,4 +1,4 @@
-"""Parts of REFERENCE.md that no other test pins down, each against an oracle written here.
+"""Parts of docs/reference.md that no other test pins down, each against an oracle written here.
 
 - "Model" and "Mean Teacher": dropout 0.5 after the first and second max-pools only, on
   in train mode, in the data-dependent initialisation and in the teacher's passes, off
@@ -29,6 +29,8 @@ import pytest
 from configs import default
 from configs import quickstart
 from lcmt_jax import checkpointing
+from lcmt_jax import eval_metrics
+from lcmt_jax import experiment
 from lcmt_jax import input_pipeline
 from lcmt_jax import models
 from lcmt_jax import train_state
@@ -50,7 +52,7 @@ def _images(n, size, seed):
   return jnp.asarray(np.random.default_rng(seed).normal(size=(n, size, size, 3)), jnp.float32)
 
 
-# --- Dropout (REFERENCE.md "Model" 1-3, "Mean Teacher") ------------------------------------------
+# --- Dropout (docs/reference.md "Model" 1-3, "Mean Teacher") ------------------------------------------
 
 
 def _recording_layer_calls(fn):
@@ -86,7 +88,7 @@ def _np_max_pool(x):
 
 
 def _undropped_inputs(layer_outputs, images):
-  """What each layer's input is, by REFERENCE.md, before any dropout: built from the layer outputs."""
+  """What each layer's input is, by docs/reference.md, before any dropout: built from the layer outputs."""
   act = {name: _np_leaky_relu(layer_outputs[name]) for name in LAYERS[:-1]}
   return {
       'conv1a': np.asarray(images, np.float64),
@@ -176,16 +178,16 @@ def test_data_dependent_init_runs_with_dropout(recorded_modes):
       else:
         assert not np.allclose(a, b), (
             f'{name}/{leaf} does not depend on the dropout key: the data-dependent '
-            'initialisation must run with dropout active (REFERENCE.md "Model")')
+            'initialisation must run with dropout active (docs/reference.md "Model")')
 
 
 def test_runs_use_the_configs_dropout_rate():
   for name in ('cifar10', 'cifar10_mt', 'svhn', 'svhn_mt'):
     config = importlib.import_module(f'configs.{name}').get_config()
-    assert trainer.build_model(config, 10).dropout_rate == 0.5, name
+    assert experiment.build_model(config, 10).dropout_rate == 0.5, name
   config = quickstart.get_config()
   config.dropout_rate = 0.3
-  assert trainer.build_model(config, 10).dropout_rate == 0.3
+  assert experiment.build_model(config, 10).dropout_rate == 0.3
 
 
 N_LABELED, N_UNLABELED, SIZE = 8, 16, 16
@@ -208,7 +210,7 @@ def _teacher_passes(rate, step_batch):
   """
   config = quickstart.get_config()
   config.update(width=WIDTH, dropout_rate=rate, method='mt', joint_forward=False)
-  model = trainer.build_model(config, 10)
+  model = experiment.build_model(config, 10)
   step_config = train_state.StepConfig.from_config(config, steps_per_epoch=10)
   tx = train_state.make_optimizer(config, step_config)
 
@@ -260,7 +262,7 @@ def test_teacher_outputs_depend_on_the_dropout_key_only_with_dropout(
                            f'teacher {kind} pass, dropout_rate=0')
 
 
-# --- The labelled loader (REFERENCE.md "Data") ------------------------------------------------
+# --- The labelled loader (docs/reference.md "Data") ------------------------------------------------
 
 # 22 labelled images in batches of 4: a pass is 5 batches (20 images, the last 2 dropped).
 # 59 unlabelled in batches of 8: an epoch is 7 steps (56 images), NOT a multiple of 5.
@@ -306,7 +308,7 @@ def test_both_paths_give_the_same_labelled_batches(loader_indices):
 
 
 def test_labelled_loader_restarts_at_every_epoch_and_when_it_runs_out(loader_indices):
-  """By REFERENCE.md: in each epoch, steps 0-4 are one full labelled pass, 5-6 the start of a new one."""
+  """By docs/reference.md: in each epoch, steps 0-4 are one full labelled pass, 5-6 the start of a new one."""
   labeled = loader_indices[0].reshape(EPOCHS, EPOCH_STEPS, LABELED_BATCH)
   first_passes, second_starts = [], []
   for epoch, batches in enumerate(labeled, start=1):
@@ -349,7 +351,7 @@ def test_each_epoch_is_one_pass_over_the_unlabelled_set(loader_indices):
   assert len({tuple(epoch.tolist()) for epoch in unlabeled}) == EPOCHS
 
 
-# --- Checkpoint selection (REFERENCE.md "Evaluation and checkpoints") ------------------------
+# --- Checkpoint selection (docs/reference.md "Evaluation and checkpoints") ------------------------
 
 
 def _selection_config(selection):
@@ -364,7 +366,7 @@ def _selection_config(selection):
 def _untrained_state(config, info, data, mesh, step_config, key):
   """A valid train state without the data-dependent pass (training is not under test)."""
   del data, mesh
-  model = trainer.build_model(config, info.num_classes)
+  model = experiment.build_model(config, info.num_classes)
   shapes = jax.eval_shape(functools.partial(models.init_variables, model), key,
                           jnp.zeros((2, 32, 32, 3)))  # Traced only: nothing compiles.
   zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -392,9 +394,9 @@ def _scripted_run(monkeypatch, workdir, config, evaluations, first_epoch=1):
     del data, data_key, kwargs
     return state.replace(step=state.step + num_steps), {'loss': jnp.zeros(num_steps)}
 
-  monkeypatch.setattr(trainer, 'evaluate_splits', evaluate)
-  monkeypatch.setattr(trainer, 'run_steps', run_steps)
-  monkeypatch.setattr(trainer, 'build_state', _untrained_state)
+  monkeypatch.setattr(eval_metrics, 'evaluate_splits', evaluate)
+  monkeypatch.setattr(experiment, 'run_steps', run_steps)
+  monkeypatch.setattr(experiment, 'build_state', _untrained_state)
   summary = trainer.train_and_evaluate(config, str(workdir))
   steps_per_epoch = evaluated_at_step[0] // first_epoch
   assert evaluated_at_step == [e * steps_per_epoch
@@ -423,8 +425,8 @@ def test_best_checkpoint_is_the_best_teacher_test_accuracy(monkeypatch, tmp_path
       monkeypatch, tmp_path, _selection_config('test'), evaluations)
   assert best_epoch == 2, f'best checkpoint from epoch {best_epoch}, the best teacher was epoch 2'
   assert best_state_epoch == 2, 'the best checkpoint holds a state of another epoch'
-  assert best_loop['best_epoch'] == latest_loop['best_epoch'] == summary['best_epoch'] == 2
-  assert best_loop['best_selection_accuracy'] == 0.6
+  assert best_loop.best_epoch == latest_loop.best_epoch == summary['best_epoch'] == 2
+  assert best_loop.best_selection_accuracy == 0.6
   assert summary['best/test/teacher_error'] == pytest.approx(0.4)
   assert summary['best/test/student_error'] == pytest.approx(0.9)  # Epoch 2's student.
   assert summary['final/test/teacher_error'] == pytest.approx(0.5)
@@ -445,7 +447,7 @@ def test_a_resumed_run_keeps_the_best_checkpoint_it_saved_before(monkeypatch, tm
   _, best_epoch, best_state_epoch, best_loop, latest_loop = _scripted_run(
       monkeypatch, tmp_path, config, evaluations[3:], first_epoch=4)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
-  assert (best_epoch, best_state_epoch, best_loop['epoch'], latest_loop['best_epoch']) == (2, 2, 2, 2)
+  assert (best_epoch, best_state_epoch, best_loop.epoch, latest_loop.best_epoch) == (2, 2, 2, 2)
 
 
 def test_best_checkpoint_follows_the_validation_split_when_selected(monkeypatch, tmp_path):
@@ -455,13 +457,13 @@ def test_best_checkpoint_follows_the_validation_split_when_selected(monkeypatch,
   summary, best_epoch, best_state_epoch, best_loop, _ = _scripted_run(
       monkeypatch, tmp_path, _selection_config('validation'), evaluations)
   assert (best_epoch, best_state_epoch, summary['best_epoch']) == (3, 3, 3)
-  assert best_loop['best_selection_accuracy'] == 0.7
+  assert best_loop.best_selection_accuracy == 0.7
   assert summary['best/validation/teacher_error'] == pytest.approx(0.3)
   assert summary['best/test/teacher_error'] == pytest.approx(0.6)  # Reported, not selected on.
   assert summary['final/test/teacher_error'] == pytest.approx(0.5)
 
 
-# --- Data-dependent initialisation batches (REFERENCE.md "Model", "Mean Teacher") ---------------
+# --- Data-dependent initialisation batches (docs/reference.md "Model", "Mean Teacher") ---------------
 
 INIT_LABELED, INIT_BATCH, INIT_SIZE = 64, 16, 16
 
@@ -500,7 +502,7 @@ def _decode(images):
 
 @pytest.fixture(scope='module')
 def initial_states():
-  """`trainer.initial_state` with an independent and with a copied teacher (one compile).
+  """`experiment.initial_state` with an independent and with a copied teacher (one compile).
 
   Returns the two states and the image batches each passed to `create_train_state`.
   """
@@ -510,7 +512,7 @@ def initial_states():
     config = quickstart.get_config()
     config.update(width=WIDTH, labeled_batch_size=INIT_BATCH, teacher_init=teacher_init)
     configs[teacher_init] = config
-  model = trainer.build_model(configs['copy'], 10)
+  model = experiment.build_model(configs['copy'], 10)
   real_create = train_state.create_train_state
 
   def both(data, key):
@@ -524,8 +526,8 @@ def initial_states():
                            teacher_init)
 
       with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer.train_state, 'create_train_state', spy)
-        state = trainer.initial_state(
+        patch.setattr(train_state, 'create_train_state', spy)
+        state = experiment.initial_state(
             data, key, model=model, tx=optax.identity(), info=_PLAIN,
             labeled_batch_size=config.labeled_batch_size,
             unlabeled_batch_size=config.unlabeled_batch_size, teacher_init=teacher_init)
@@ -546,7 +548,7 @@ def _block1_outputs(model, params, batch_stats, images):
 def _normalised(outputs):
   """Whether every channel of every output has mean 0 and variance 1 over batch and space.
 
-  REFERENCE.md's data-dependent init sets g, b so that the init batch leaves each layer
+  docs/reference.md's data-dependent init sets g, b so that the init batch leaves each layer
   normalised (init_scale 1), and leaves the running means at 0, so eval mode reproduces it.
   """
   for out in outputs:
@@ -578,7 +580,7 @@ def test_student_and_independent_teacher_are_initialised_on_different_labelled_b
   assert _normalised(teacher(teacher_images)), 'the teacher was not initialised on its batch'
   assert not _normalised(student(teacher_images)), 'the student was initialised on the teacher batch'
   assert not _normalised(teacher(student_images)), 'the teacher was initialised on the student batch'
-  # Its own random initialisation too (REFERENCE.md quirk 3).
+  # Its own random initialisation too (docs/reference.md quirk 3).
   assert not np.allclose(state.params['conv1a']['v'], state.teacher_params['conv1a']['v'])
 
 

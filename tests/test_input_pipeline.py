@@ -1,4 +1,4 @@
-"""Tests for lcmt_jax.input_pipeline (REFERENCE.md "Data")."""
+"""Tests for lcmt_jax.input_pipeline (docs/reference.md "Data")."""
 
 import jax
 import jax.numpy as jnp

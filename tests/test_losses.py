@@ -1,4 +1,4 @@
-"""lcmt_jax.losses against NumPy re-derivations of REFERENCE.md "Losses"."""
+"""lcmt_jax.losses against NumPy re-derivations of docs/reference.md "Losses"."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.numerics
 
 
 def _np_pair_loss(a, b, threshold, include_diagonal=True):
-  """REFERENCE.md `pair(A, B)` as a plain double loop, in float64."""
+  """docs/reference.md `pair(A, B)` as a plain double loop, in float64."""
   numerator, count = 0.0, 0
   for i in range(a.shape[0]):
     for j in range(b.shape[0]):

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from tests import helpers
-from tests.test_trainer import REPO
+from lcmt_jax.testing.runs import REPO
 
 WRITE_SCRIPT = '''
 import json, sys

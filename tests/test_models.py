@@ -1,4 +1,4 @@
-"""lcmt_jax.models against NumPy re-derivations of REFERENCE.md "Model"."""
+"""lcmt_jax.models against NumPy re-derivations of docs/reference.md "Model"."""
 
 import functools
 import os
@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lcmt_jax import cpu_flags
 from lcmt_jax import models
+from lcmt_jax import ops
+from lcmt_jax.xla_cpu import flags as cpu_flags
+from lcmt_jax.xla_cpu import kernels
 from tests import conftest
-from tests.test_trainer import REPO
+from lcmt_jax.testing.runs import REPO
 
 pytestmark = pytest.mark.numerics
 
@@ -44,7 +46,7 @@ def _random_variables(module, x, seed, **apply_kwargs):
 
 
 def _np_weight(v, g):
-  """REFERENCE.md `W = g * v / sqrt(sum(v^2) + 1e-8)`, norm per output unit (last axis)."""
+  """docs/reference.md `W = g * v / sqrt(sum(v^2) + 1e-8)`, norm per output unit (last axis)."""
   v = np.asarray(v, np.float64)
   norm = np.sqrt((v ** 2).reshape(-1, v.shape[-1]).sum(axis=0) + 1e-8)
   return v * (np.asarray(g, np.float64) / norm)
@@ -194,7 +196,7 @@ def model():
 @pytest.fixture(scope='module')
 def variables(model, images):
   variables = _random_variables(model, images[:1], seed=11)
-  # Start from REFERENCE.md's initial values: g = 1, b = 0, running means 0.
+  # Start from docs/reference.md's initial values: g = 1, b = 0, running means 0.
   params = jax.tree.map_with_path(
       lambda p, t: {'v': t, 'g': np.ones_like(t), 'b': np.zeros_like(t)}[p[-1].key],
       variables['params'])
@@ -247,7 +249,7 @@ def test_data_dependent_init_changes_only_g_and_b(variables, ddi_variables):
 
 def test_parameter_count_at_width_128():
   w = 128
-  # (kernel side, in, out) of the nine convs, then the dense layer: REFERENCE.md "Model".
+  # (kernel side, in, out) of the nine convs, then the dense layer: docs/reference.md "Model".
   convs = [(3, 3, w), (3, w, w), (3, w, w), (3, w, 2 * w), (3, 2 * w, 2 * w),
            (3, 2 * w, 2 * w), (3, 2 * w, 4 * w), (1, 4 * w, 2 * w), (1, 2 * w, w)]
   expected_shapes = {name: {'v': (k, k, c_in, c_out), 'g': (c_out,), 'b': (c_out,)}
@@ -347,7 +349,7 @@ def test_conv2d_values_and_gradients_match_numpy(kernel_size, padding, shape):
   rng = np.random.default_rng(7)
   x = rng.normal(size=shape).astype(np.float32)
   w = rng.normal(size=(*kernel_size, shape[-1], 5)).astype(np.float32)
-  out, vjp = jax.vjp(lambda a, b: models.conv2d(a, b, padding), x, w)
+  out, vjp = jax.vjp(lambda a, b: kernels.conv2d(a, b, padding), x, w)
   out_grad = rng.normal(size=out.shape).astype(np.float32)
   dx, dw = vjp(out_grad)
   np_dx, np_dw = _np_conv_gradients(x, w, padding, out_grad)
@@ -359,10 +361,10 @@ def test_conv2d_values_and_gradients_match_numpy(kernel_size, padding, shape):
 _BF16_CONV_SCRIPT = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from lcmt_jax import models
+from lcmt_jax.xla_cpu import kernels
 x, w, g = (jnp.asarray(a, jnp.bfloat16) for a in np.load(sys.argv[1]).values())
 fn = jax.jit(lambda x, w, g: (lambda out, vjp: (out, *vjp(g)))(*jax.vjp(
-    lambda a, b: models.conv2d(a, b, 'SAME'), x, w)))
+    lambda a, b: kernels.conv2d(a, b, 'SAME'), x, w)))
 np.savez(sys.argv[2], *(np.asarray(r, np.float32) for r in fn(x, w, g)))
 """
 
@@ -370,7 +372,7 @@ np.savez(sys.argv[2], *(np.asarray(r, np.float32) for r in fn(x, w, g)))
 @pytest.mark.skipif(not cpu_flags.jaxlib_has_flag(cpu_flags.BF16_FLAG),
                     reason='the installed jaxlib has no oneDNN custom-call flag')
 def test_bfloat16_conv2d_on_onednn_matches_numpy(tmp_path):
-  """The flag a bfloat16 run sets (`cpu_flags.configure_compute_dtype`) hands the
+  """The flag a bfloat16 run sets (`xla_cpu.configure`) hands the
   convolutions to oneDNN where jaxlib can (0.11); values and gradients stay those of
   the convolution, to bfloat16's precision."""
   rng = np.random.default_rng(8)
@@ -404,28 +406,58 @@ def _np_max_pool_2x2_gradient(x, out_grad):
 def test_max_pool_2x2_matches_flax_and_routes_ties_to_the_first_maximum(shape):
   # Small integers make many windows hold tied maxima.
   x = np.random.default_rng(3).integers(0, 3, shape).astype(np.float32)
-  out, vjp = jax.vjp(models.max_pool_2x2, x)
+  out, vjp = jax.vjp(kernels.max_pool_2x2, x)
   out_grad = np.random.default_rng(4).normal(size=out.shape).astype(np.float32)
   np.testing.assert_array_equal(out, nn.max_pool(jnp.asarray(x), (2, 2), strides=(2, 2)))
   np.testing.assert_array_equal(vjp(out_grad)[0], _np_max_pool_2x2_gradient(x, out_grad))
 
 
+BACKENDS = ('cpu', 'gpu')  # `ops` picks its implementation by JAX's default backend.
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('dtype, tolerance', [(jnp.float32, 1e-5), (jnp.bfloat16, 2**-7)],
                          ids=['float32', 'bfloat16'])
-def test_subtract_batch_mean_values_and_gradients_match_numpy(dtype, tolerance):
+def test_subtract_batch_mean_values_and_gradients_match_numpy(monkeypatch, backend, dtype,
+                                                              tolerance):
+  """One arithmetic on every backend (the accelerator's forced here on the CPU): the mean and
+  both sums of the gradient accumulate in float32, also in bfloat16."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   rng = np.random.default_rng(9)
   as_dtype = lambda a: np.asarray(jnp.asarray(a, dtype), np.float64)  # Exactly representable.
-  a, g = as_dtype(rng.normal(1.0, 2.0, (3, 4, 5, 6))), as_dtype(rng.normal(size=(3, 4, 5, 6)))
+  shape = (8, 6, 6, 6)  # 288 values a channel: a bfloat16 sum of them loses most of its bits.
+  a, g = as_dtype(rng.normal(1.0, 2.0, shape)), as_dtype(rng.normal(size=shape))
   axes, count = (0, 1, 2), a.size // a.shape[-1]
   # The mean's cotangent scaled so that its share of `da` (g_mean / count) is of order 1.
   b, g_mean = rng.normal(size=6).astype(np.float32), (count * rng.normal(size=6)).astype(np.float32)
-  (out, mean), vjp = jax.vjp(models.subtract_batch_mean, jnp.asarray(a, dtype), jnp.asarray(b))
+  (out, mean), vjp = jax.vjp(ops.subtract_batch_mean, jnp.asarray(a, dtype), jnp.asarray(b))
   da, db = vjp((jnp.asarray(g, dtype), jnp.asarray(g_mean)))
   assert out.dtype == da.dtype == dtype and mean.dtype == db.dtype == jnp.float32
   # Mean-only BN's train-mode output and its gradient, with a cotangent for the mean too.
   np_mean = a.mean(axis=axes)
   checks = ((out, a - np_mean + b), (mean, np_mean),
-            (da, g + (g_mean - g.sum(axis=axes)) / count), (db, g.sum(axis=axes)))
+            (da, g + (g_mean - g.sum(axis=axes)) / count))
   for got, want in checks:
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tolerance,
                                atol=tolerance * np.abs(want).max())
+  # The bias gradient is a float32 sum of exactly representable values: float32's precision.
+  np.testing.assert_allclose(db, g.sum(axis=axes), rtol=1e-5, atol=1e-5 * np.abs(g).sum(axis=0).max())
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_ops_give_the_kernels_values_and_gradients_on_every_backend(monkeypatch, backend):
+  """The accelerator's `lax`/Flax ops and the CPU's kernels compute the same convolution and
+  max-pool, values and gradients, against the NumPy oracles above."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  out, vjp = jax.vjp(lambda a, b: ops.conv2d(a, b, 'SAME'), x, w)
+  out_grad = rng.normal(size=out.shape).astype(np.float32)
+  np_dx, np_dw = _np_conv_gradients(x, w, 'SAME', out_grad)
+  for got, want in ((out, _np_project(x, w, 'SAME')), *zip(vjp(out_grad), (np_dx, np_dw))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  pooled = np.random.default_rng(3).integers(0, 3, (2, 4, 6, 3)).astype(np.float32)  # Ties.
+  out, vjp = jax.vjp(ops.max_pool_2x2, pooled)
+  out_grad = rng.normal(size=out.shape).astype(np.float32)
+  np.testing.assert_array_equal(vjp(out_grad)[0], _np_max_pool_2x2_gradient(pooled, out_grad))

@@ -1,4 +1,4 @@
-"""lcmt_jax.schedules and the per-step learning rate against REFERENCE.md's formulas in plain Python."""
+"""lcmt_jax.schedules and the per-step learning rate against docs/reference.md's formulas in plain Python."""
 
 import math
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.numerics
 
 
 def _ramp(t, length):
-  """REFERENCE.md `ramp(t, L)`."""
+  """docs/reference.md `ramp(t, L)`."""
   if t <= 0:
     return 0.0
   if t >= length:
@@ -26,14 +26,14 @@ def _ramp(t, length):
 
 
 def _lr(epoch, base, decay_start, decay_end):
-  """REFERENCE.md: constant until `decay_start`, then linear to 0 at `decay_end`."""
+  """docs/reference.md: constant until `decay_start`, then linear to 0 at `decay_end`."""
   if epoch < decay_start:
     return base
   return base * (decay_end - epoch) / (decay_end - decay_start)
 
 
 # (length, epochs): the consistency ramp (5 epochs, every run) and the LC ramps of
-# REFERENCE.md's table, evaluated at `epoch - lc_start` as the total loss does.
+# docs/reference.md's table, evaluated at `epoch - lc_start` as the total loss does.
 RAMPS = [
     (5, [-3, 0, 1, 2, 2.5, 4, 5, 6, 1000]),
     (100, [e - 600 for e in (1, 599, 600, 601, 650, 699, 700, 701, 1000)]),  # CIFAR-10 MT+LC
@@ -57,7 +57,7 @@ def test_sigmoid_rampup_edges():
   np.testing.assert_allclose(float(schedules.sigmoid_rampup(1, 5)), math.exp(-3.2), rtol=1e-6)
 
 
-# (decay_start, decay_end) of the four runs of REFERENCE.md's table.
+# (decay_start, decay_end) of the four runs of docs/reference.md's table.
 DECAYS = [(800, 1000), (600, 800), (400, 600), (300, 500)]
 
 
@@ -116,7 +116,7 @@ STEPS = np.arange(NUM_EPOCHS * SPE)  # Every step of the run.
 
 
 def _hand_lr(step, granularity):
-  """REFERENCE.md's lr at a 0-based step, by hand: a straight line through (3, 0.05) and (6, 0).
+  """docs/reference.md's lr at a 0-based step, by hand: a straight line through (3, 0.05) and (6, 0).
 
   The epoch counts from 1; 'epoch' moves it once per epoch (the reference), 'step' by
   1/7 each step. Before epoch 3 the line is held at 0.05; past epoch 6 (the last

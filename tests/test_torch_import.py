@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip(
     'torch', reason='torch is needed only to test importing PyTorch checkpoints')
 
-from benchmarks import torch_reference  # pylint: disable=wrong-import-position
 from lcmt_jax import models  # pylint: disable=wrong-import-position
 from lcmt_jax import torch_import  # pylint: disable=wrong-import-position
+from lcmt_jax.testing import torch_reference  # pylint: disable=wrong-import-position
 
 WIDTH = 16
 CONV_INDICES = (1, 3, 5, 9, 11, 13, 17, 19, 21)

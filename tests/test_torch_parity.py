@@ -1,4 +1,4 @@
-"""lcmt_jax against the PyTorch port of the reference (benchmarks/torch_reference.py).
+"""lcmt_jax against the PyTorch port of the reference (lcmt_jax/testing/torch_reference.py).
 
 Both sides get the same weights (a JAX init exported with
 `torch_import.to_reference_state_dict`, or a torch init read back with
@@ -39,7 +39,7 @@ import pytest
 torch = pytest.importorskip(
     'torch', reason='torch is needed only for the parity tests against the PyTorch port')
 
-from benchmarks import torch_reference as ref  # pylint: disable=wrong-import-position
+from lcmt_jax.testing import torch_reference as ref  # pylint: disable=wrong-import-position
 from configs import default as default_config  # pylint: disable=wrong-import-position
 from lcmt_jax import losses  # pylint: disable=wrong-import-position
 from lcmt_jax import models  # pylint: disable=wrong-import-position
@@ -327,7 +327,7 @@ def _hparams(config) -> ref.HParams:
 
 
 def _epoch(step):
-  """REFERENCE.md: the schedules' epoch, counted from 1 (JAX derives it from the step count)."""
+  """docs/reference.md: the schedules' epoch, counted from 1 (JAX derives it from the step count)."""
   return step // STEPS_PER_EPOCH + 1
 
 

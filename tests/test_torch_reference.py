@@ -1,4 +1,4 @@
-"""The PyTorch port (benchmarks/torch_reference.py) against NumPy oracles of REFERENCE.md."""
+"""The PyTorch port (lcmt_jax/testing/torch_reference.py) against NumPy oracles of docs/reference.md."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip(
     'torch', reason='torch is needed only for the PyTorch reference port')
 
-from benchmarks import torch_reference as ref  # pylint: disable=wrong-import-position
+from lcmt_jax.testing import torch_reference as ref  # pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.numerics
 

@@ -1,4 +1,4 @@
-"""lcmt_jax.train_state against REFERENCE.md "Mean Teacher", "Losses" and "Optimiser".
+"""lcmt_jax.train_state against docs/reference.md "Mean Teacher", "Losses" and "Optimiser".
 
 The oracles are NumPy (EMA, PyTorch's SGD) and an independent composition of the loss
 from the public model and loss functions with hand-computed weights. A width-8
@@ -58,7 +58,7 @@ def _config(**overrides):
 
 
 def _ramp(t, length):
-  """REFERENCE.md `ramp(t, L)`."""
+  """docs/reference.md `ramp(t, L)`."""
   if t <= 0:
     return 0.0
   if t >= length:
@@ -67,7 +67,7 @@ def _ramp(t, length):
 
 
 def _hand_weights(step, config, steps_per_epoch=STEPS_PER_EPOCH):
-  """REFERENCE.md's total-loss weights at `step`, epoch counted from 1."""
+  """docs/reference.md's total-loss weights at `step`, epoch counted from 1."""
   epoch = step // steps_per_epoch + 1
   consistency = config.consistency_weight * _ramp(epoch, config.consistency_rampup)
   lc = 0.0
@@ -145,7 +145,7 @@ def trajectory(initial_state, batch, step_config):
 
 def _oracle_loss(model, params, teacher_params, batch_stats, teacher_batch_stats, batch,
                  consistency_weight, lc_weight, threshold):
-  """REFERENCE.md's total loss from separate train-mode passes, and the running means."""
+  """docs/reference.md's total loss from separate train-mode passes, and the running means."""
   def run(p, stats, images):
     return models.apply_with_features(model.apply, {'params': p, 'batch_stats': stats},
                                       images, train=True)

@@ -1,5 +1,6 @@
 """The training loop end to end on the embedded digits data, with a tiny network."""
 
+import copy
 import json
 import os
 import signal
@@ -14,32 +15,21 @@ import pytest
 from configs import quickstart
 from lcmt_jax import checkpointing
 from lcmt_jax import configuration
+from lcmt_jax import experiment
 from lcmt_jax import input_pipeline
 from lcmt_jax import metrics_log
 from lcmt_jax import train_state
 from lcmt_jax import trainer
+from lcmt_jax.testing.runs import REPO, TINY_FLAGS, TINY_SETTINGS, assert_same_run, latest_state
 from tests import conftest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
   config = quickstart.get_config()
-  # 16x16 digits: the network runs four times faster than at 32x32.
-  config.update(image_size=16, width=8, labeled_batch_size=16, unlabeled_batch_size=128,
-                num_epochs=2, eval_every_epochs=1, checkpoint_every_epochs=1, lc_start=1,
-                lc_rampup=1, lc_weight=1.0, lc_threshold=2.0, decay_start=2, decay_end=3,
-                progress_bar=False, eval_batch_size=250)
+  config.update(num_epochs=2, **TINY_SETTINGS)
   config.update(overrides)
   return config
-
-
-def latest_state(workdir):
-  """The latest checkpoint of `workdir` as host arrays, and its loop state."""
-  checkpoints = checkpointing.RunCheckpoints(workdir, read_only=True)
-  state, loop = checkpoints.restore('latest')
-  checkpoints.close()
-  return jax.device_get(state), loop
 
 
 def test_quickstart_writes_metrics_checkpoints_and_summary(tmp_path):
@@ -58,21 +48,6 @@ def test_quickstart_writes_metrics_checkpoints_and_summary(tmp_path):
   checkpoints.close()
 
 
-def assert_same_run(workdir_a, workdir_b, epochs):
-  """Both runs ended at `epochs` with bitwise equal states, loop records and metrics."""
-  state_a, loop_a = latest_state(str(workdir_a))
-  state_b, loop_b = latest_state(str(workdir_b))
-  assert loop_a['epoch'] == epochs
-  assert loop_a == loop_b | {'train_seconds': loop_a['train_seconds']}
-  assert jax.tree.structure(state_a) == jax.tree.structure(state_b)
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
-  without_speed = lambda records: [
-      {k: v for k, v in r.items() if k not in ('images_per_second', 'wall_time')} for r in records]
-  assert without_speed(metrics_log.read_records(workdir_a / 'metrics.jsonl')) == (
-      without_speed(metrics_log.read_records(workdir_b / 'metrics.jsonl')))
-
-
 @pytest.fixture(scope='module')
 def uninterrupted_run(tmp_path_factory):
   """The workdir of tiny_config(num_epochs=3) trained without a stop."""
@@ -89,11 +64,12 @@ def test_a_checkpoint_holds_the_loop_state_of_its_own_epoch(tmp_path):
   state = {'w': jax.numpy.arange(3.0)}
   for trial in range(8):
     checkpoints = checkpointing.RunCheckpoints(str(tmp_path / str(trial)))
-    loop = {'epoch': 1, 'best_epoch': 1, 'best_selection_accuracy': 0.5, 'last_eval': {'a': 0.5}}
-    saved = json.loads(json.dumps(loop))
+    loop = checkpointing.LoopState(epoch=1, best_epoch=1, best_selection_accuracy=0.5,
+                                   last_eval={'a': 0.5})
+    saved = copy.deepcopy(loop)
     checkpoints.save(1, state, loop, new_best=True)
-    loop.update(epoch=2, best_selection_accuracy=0.9)  # As the loop does while the save runs.
-    loop['last_eval']['a'] = 0.9
+    loop.epoch, loop.best_selection_accuracy = 2, 0.9  # As the loop does while the save runs.
+    loop.last_eval['a'] = 0.9
     checkpoints.wait_until_finished()
     checkpoints.close()
     assert latest_state(str(tmp_path / str(trial)))[1] == saved, f'trial {trial}'
@@ -107,13 +83,13 @@ def test_resume_continues_exactly(uninterrupted_run, tmp_path):
 
 def test_runs_with_equal_settings_share_their_compiled_functions():
   split = input_pipeline.load_split(tiny_config())
-  mesh = trainer.make_mesh()
+  mesh = experiment.make_mesh()
 
   def functions(config):
-    step_config = trainer.build_step_config(config, split)
-    return (trainer.make_train_fn(config, step_config, split.info, mesh),
-            trainer.make_predict_fn(config, split.info, mesh),
-            trainer.build_model(config, split.info.num_classes),
+    step_config = experiment.build_step_config(config, split)
+    return (experiment.make_train_fn(config, step_config, split.info, mesh),
+            experiment.make_predict_fn(config, split.info, mesh),
+            experiment.build_model(config, split.info.num_classes),
             train_state.make_optimizer(config, step_config))
 
   first = functions(tiny_config(num_epochs=1))
@@ -173,19 +149,19 @@ def test_train_py_exits_2_with_one_line_error(tmp_path):
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import jax, numpy as np
-    from lcmt_jax import input_pipeline, trainer
+    from lcmt_jax import experiment, input_pipeline
     from tests.test_trainer import tiny_config
 
     config = tiny_config()
     split = input_pipeline.load_split(config)
-    step_config = trainer.build_step_config(config, split)
+    step_config = experiment.build_step_config(config, split)
 
     def run(devices):
-      mesh = trainer.make_mesh(devices)
-      data = trainer.put_data_on_device(split, mesh)
-      state = trainer.build_state(config, split.info, data, mesh, step_config,
+      mesh = experiment.make_mesh(devices)
+      data = experiment.put_data_on_device(split, mesh)
+      state = experiment.build_state(config, split.info, data, mesh, step_config,
                                   jax.random.key(0))
-      train_fn = trainer.make_train_fn(config, step_config, split.info, mesh)
+      train_fn = experiment.make_train_fn(config, step_config, split.info, mesh)
       state, metrics = train_fn(state, data, jax.random.key(1), num_steps=3)
       return jax.device_get((state.params, state.teacher_params, state.batch_stats, metrics))
 
@@ -227,7 +203,7 @@ def test_divergence_stops_with_step_and_term_and_keeps_checkpoints(tmp_path):
     trainer.train_and_evaluate(tiny_config(num_epochs=3, **diverging), str(tmp_path / 'run'))
   good, loop = latest_state(str(tmp_path / 'one_epoch'))
   kept, kept_loop = latest_state(str(tmp_path / 'run'))
-  assert kept_loop['epoch'] == loop['epoch'] == 1
+  assert kept_loop.epoch == loop.epoch == 1
   for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(kept)):
     np.testing.assert_array_equal(a, b)
 
@@ -241,12 +217,6 @@ def test_a_diverging_update_is_caught_in_its_own_step(tmp_path):
       name for name in os.listdir(tmp_path / 'checkpoints') if name.isdigit()]
 
 
-TINY_FLAGS = [f'--config.{k}={v}' for k, v in dict(
-    image_size=16, width=8, labeled_batch_size=16, unlabeled_batch_size=128, eval_every_epochs=1,
-    checkpoint_every_epochs=1, lc_start=1, lc_rampup=1, lc_weight=1.0, lc_threshold=2.0,
-    decay_start=2, decay_end=3, progress_bar=False, eval_batch_size=250).items()]
-
-
 # Runs train.py and kills it with SIGKILL at a chosen moment:
 # - KILL_AT_COMMIT=checkpoints/N: when orbax is about to commit that checkpoint directory
 #   (every file written, the commit marker and the rename from the temporary directory not;
@@ -257,7 +227,7 @@ TINY_FLAGS = [f'--config.{k}={v}' for k, v in dict(
 KILLED_SCRIPT = textwrap.dedent('''
     import os, runpy, signal, sys, time
     from orbax.checkpoint._src.path import atomicity
-    from lcmt_jax import trainer
+    from lcmt_jax import experiment
 
     def kill():
       os.kill(os.getpid(), signal.SIGKILL)
@@ -269,7 +239,7 @@ KILLED_SCRIPT = textwrap.dedent('''
         kill()
       await commit(self)
 
-    make_train_fn = trainer.make_train_fn
+    make_train_fn = experiment.make_train_fn
 
     def make_killed_train_fn(*args):
       train_fn, calls = make_train_fn(*args), []
@@ -285,7 +255,7 @@ KILLED_SCRIPT = textwrap.dedent('''
       return killed_train_fn
 
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
-    trainer.make_train_fn = make_killed_train_fn
+    experiment.make_train_fn = make_killed_train_fn
     sys.argv = ['train.py', *sys.argv[1:]]
     runpy.run_path('train.py', run_name='__main__')
 ''')

@@ -1,25 +1,35 @@
-"""lcmt_jax.cpu_flags: the XLA:CPU flag is added once, before JAX starts, and never over the user's."""
+"""lcmt_jax.xla_cpu: the XLA:CPU flags are added by one explicit call, never over the user's."""
 
 import os
+import subprocess
+import sys
 import types
-import warnings
 
 import jax
 import pytest
 
-from lcmt_jax import cpu_flags
-from lcmt_jax import trainer
+from lcmt_jax import experiment
+from lcmt_jax import xla_cpu
+from lcmt_jax.testing.runs import REPO
+from lcmt_jax.xla_cpu import flags as cpu_flags
 
 SETTING = f'--{cpu_flags.FLAG}={cpu_flags.VALUE}'
 
 
 @pytest.mark.skipif(not cpu_flags.jaxlib_knows_flag(),
                     reason='the installed jaxlib has no such flag')
-def test_importing_the_package_set_the_flag_before_jax_started():
-  # A pytest-xdist worker inherits XLA_FLAGS from the controller, where the import set it.
-  assert cpu_flags.APPLIED or 'PYTEST_XDIST_WORKER' in os.environ
-  assert SETTING in os.environ['XLA_FLAGS'].split()
+def test_the_suites_set_up_call_set_the_flag_before_jax_started():
+  assert SETTING in os.environ['XLA_FLAGS'].split()  # tests/conftest.py calls configure().
   assert jax.devices()  # The backend that read the flag started fine.
+
+
+def test_importing_lcmt_jax_changes_no_flag():
+  script = ('import os; import lcmt_jax, train; from lcmt_jax import evaluate, models, trainer; '
+            'print(os.environ.get("XLA_FLAGS", "<unset>"))')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, check=True,
+                          capture_output=True, text=True)
+  assert result.stdout.strip() == '<unset>'
 
 
 @pytest.mark.parametrize('environment', [
@@ -29,21 +39,8 @@ def test_importing_the_package_set_the_flag_before_jax_started():
 def test_configure_leaves_the_users_choice(monkeypatch, environment):
   for name, value in environment.items():
     monkeypatch.setenv(name, value)
-  assert not cpu_flags.configure()
+  assert SETTING not in xla_cpu.configure()
   assert os.environ['XLA_FLAGS'] == environment['XLA_FLAGS']
-
-
-def test_configure_after_jax_started_warns_instead_of_setting(monkeypatch):
-  monkeypatch.setenv('XLA_FLAGS', '')
-  jax.devices()  # Starts the CPU backend, if nothing had.
-  if jax.default_backend() != 'cpu':
-    pytest.skip('an accelerator runs the model; nothing to warn about')
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')
-    applied = cpu_flags.configure()
-  assert not applied and os.environ['XLA_FLAGS'] == ''
-  assert cpu_flags.jaxlib_knows_flag() == any(
-      'JAX created its backends already' in str(w.message) for w in caught)
 
 
 def test_jaxlib_defines_finds_names_in_the_xla_library():
@@ -81,9 +78,8 @@ BF16_SETTING = f'--{cpu_flags.BF16_FLAG}={cpu_flags.BF16_VALUE}'
 def test_onednn_flag_only_for_bfloat16_runs(tmp_path, monkeypatch, compute_dtype, library,
                                             xla_flags, added):
   _fake_jaxlib(tmp_path, monkeypatch, library)
-  monkeypatch.setattr(cpu_flags, '_initialised_backends', lambda: {})  # Before JAX starts.
   monkeypatch.setenv('XLA_FLAGS', xla_flags)
-  assert cpu_flags.configure_compute_dtype(compute_dtype) == added
+  assert xla_cpu.configure(compute_dtype) == ([BF16_SETTING] if added else [])
   want = f'{xla_flags} {BF16_SETTING}' if added else xla_flags
   assert os.environ['XLA_FLAGS'] == want
 
@@ -106,7 +102,7 @@ def test_compiler_options_lower_llvm_level_on_the_cpu_only(monkeypatch, environm
   before = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', unoptimised)
   try:
-    assert cpu_flags.compiler_options() == want
+    assert xla_cpu.compiler_options() == want
   finally:
     jax.config.update('jax_disable_most_optimizations', before)
 
@@ -115,11 +111,11 @@ def _double(x):
   return 2 * x
 
 
-def test_trainer_programs_are_compiled_with_the_compiler_options(monkeypatch):
-  jit = trainer._jit.__wrapped__  # pylint: disable=protected-access  # Not the cached factory.
+def test_run_programs_are_compiled_with_the_compiler_options(monkeypatch):
+  jit = experiment.cached_jit.__wrapped__  # Not the cached factory.
   x = jax.numpy.arange(3.0)
   assert list(jit(_double, out_shardings=None)(x)) == [0.0, 2.0, 4.0]  # The real options compile.
   # An option XLA does not know fails the compilation: proof that the options reach XLA.
-  monkeypatch.setattr(cpu_flags, 'compiler_options', lambda: {'xla_no_such_option_anywhere': 1})
+  monkeypatch.setattr(xla_cpu, 'compiler_options', lambda: {'xla_no_such_option_anywhere': 1})
   with pytest.raises(Exception, match='xla_no_such_option_anywhere'):
     jit(_double, out_shardings=None)(x)

@@ -1,9 +1,9 @@
 """A small PyTorch port of the reference, used as the parity oracle and speed baseline.
 
-Written from REFERENCE.md alone (clean room): it computes what the authors'
+Written from docs/reference.md alone (clean room): it computes what the authors'
 PyTorch release computes, with one deliberate difference, the local-clustering
 loss returns 0 instead of NaN when no pair lies within the threshold
-(REFERENCE.md, Quirk 4). Parameter and buffer names match the authors'
+(docs/reference.md, Quirk 4). Parameter and buffer names match the authors'
 checkpoints (`conv_blocks.<i>.weight`, `.weight_scale`, `.bias`,
 `.running_mean`, `fc.*`), so `lcmt_jax.torch_import` reads both.
 
@@ -122,7 +122,7 @@ def weight_norm_layers(model: nn.Module) -> list[WeightNormMeanOnlyBN]:
 
 
 def data_dependent_init(model: nn.Module, images: torch.Tensor) -> None:
-  """Sets every layer's `g` and `b` from one batch, layer by layer (REFERENCE.md, "Model").
+  """Sets every layer's `g` and `b` from one batch, layer by layer (docs/reference.md, "Model").
 
   The pass runs in train mode, so dropout is active as in the reference.
   """
@@ -150,7 +150,7 @@ def load_numpy_state_dict(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.T
   return {k: torch.as_tensor(np.array(v, dtype=np.float32)) for k, v in arrays.items()}
 
 
-# --- Losses (REFERENCE.md, "Losses") ---------------------------------------------------------
+# --- Losses (docs/reference.md, "Losses") ---------------------------------------------------------
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
   """Mean cross-entropy."""
