@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from lcmt_jax import errors
 from lcmt_jax import input_pipeline
 from lcmt_jax import trainer
 from tests import helpers
+from tests import test_cifar10_pickle
 from tests.test_input_pipeline import _reference_labeled_indices
 from tests.test_trainer import REPO, TINY_FLAGS, tiny_config
 
@@ -214,63 +214,8 @@ def test_digits_statistics_match_the_constants():
 
 # --- CIFAR-10 python pickles --------------------------------------------------------------------
 
-_RECONSTRUCT = np.zeros(0).__reduce__()[0]
-
-
-class _Python2Pickler(pickle._Pickler):  # pylint: disable=protected-access
-  """Writes what Python 2 wrote into cifar-10-python.tar.gz (protocol 2, str as byte strings).
-
-  Every str and bytes becomes a BINSTRING (bytes again under `encoding='bytes'`),
-  and NumPy's array reconstructor is named as NumPy < 2 named it.
-  """
-
-  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
-  _NUMPY_NAMES = {_RECONSTRUCT: ('numpy.core.multiarray', '_reconstruct'),
-                  np.ndarray: ('numpy', 'ndarray'), np.dtype: ('numpy', 'dtype')}
-
-  def __init__(self, file):
-    super().__init__(file, protocol=2, fix_imports=False)
-
-  def save_byte_string(self, obj):
-    if isinstance(obj, str):
-      obj = obj.encode('latin1')
-    if len(obj) < 256:
-      self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-    else:
-      self.write(pickle.BINSTRING + struct.pack('<i', len(obj)) + obj)
-    self.memoize(obj)
-
-  dispatch[str] = save_byte_string
-  dispatch[bytes] = save_byte_string
-
-  def save_global(self, obj, name=None):
-    if obj not in self._NUMPY_NAMES:
-      return super().save_global(obj, name)
-    module, name = self._NUMPY_NAMES[obj]
-    self.write(pickle.GLOBAL + f'{module}\n{name}\n'.encode())
-    self.memoize(obj)
-    return None
-
-  def reducer_override(self, obj):
-    if isinstance(obj, np.ndarray):
-      return (_RECONSTRUCT, *obj.__reduce__()[1:])
-    if isinstance(obj, np.dtype):  # Python 2's NumPy wrote 0 and 1 for the flags.
-      cls, (kind, align, copy), state = obj.__reduce__()
-      return cls, (kind, int(align), int(copy)), state
-    return NotImplemented
-
-
-def _python2_pickle(obj) -> bytes:
-  buffer = io.BytesIO()
-  _Python2Pickler(buffer).dump(obj)
-  return buffer.getvalue()
-
-
-def _cifar10_batch(images, labels, name):
-  """A batch file's dict: channel-major rows (R plane, G plane, B plane, each row-major)."""
-  rows = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
-  return {'batch_label': f'{name} of 5', 'labels': [int(v) for v in labels], 'data': rows,
-          'filenames': [f'{name}_{i}.png' for i in range(len(images))]}
+_python2_pickle = test_cifar10_pickle.python2_pickle
+_cifar10_batch = test_cifar10_pickle.cifar10_batch
 
 
 def _write_cifar10_pickles(parent, per_file=6, test_size=5, seed=0):
