@@ -17,6 +17,7 @@ TensorFlow or tfds unless the tfds source is chosen.
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import os
 import socket
 import sys
@@ -28,6 +29,7 @@ import numpy as np
 
 from lcmt_jax import cifar10_pickle
 from lcmt_jax import errors
+from lcmt_jax import files
 from lcmt_jax import tf_cpu
 
 DATASETS = ('cifar10', 'svhn', 'image_folder', 'digits')
@@ -221,12 +223,19 @@ def _list_split(data_dir: str, split: str) -> tuple[list[str], list[list[str]]]:
 
 
 def _fingerprint(data_dir: str, paths: list[str], image_size: int) -> str:
-  """A hash of every file's path, size and modification time: a changed folder changes it."""
-  digest = hashlib.sha256(f'v1 {image_size}'.encode())
+  """A hash of every file's path, size, mtime, inode and ctime: a changed folder changes it.
+
+  `cp -p`, `rsync -t` and `tar x` restore a replaced file's mtime (and a file of
+  the same size keeps its size), but none can restore its inode number or ctime,
+  which the kernel sets on every write or rename. This costs one stat per file;
+  a hash of the contents would be as safe against that, but would read every
+  image on every load, the work the cache exists to skip.
+  """
+  digest = hashlib.sha256(f'v2 {image_size}'.encode())
   for path in paths:
     stat = os.stat(path)
     digest.update(f'\0{os.path.relpath(path, data_dir)}\0{stat.st_size}\0{stat.st_mtime_ns}'
-                  .encode())
+                  f'\0{stat.st_ino}\0{stat.st_ctime_ns}'.encode())
   return digest.hexdigest()[:20]
 
 
@@ -290,29 +299,60 @@ def load_image_folder(data_dir: str, *, image_size: int, cache_dir: str = '') ->
                    images[num_train:], labels[num_train:])
 
 
+class _UntrustedCacheError(ValueError):
+  """The cache, or its folder, is not this user's alone: anyone else could have written it."""
+
+
+def _check_owned(path: str) -> None:
+  """Refuses `path` unless the current user owns it and no one else may write to it."""
+  stat = os.lstat(path)
+  if stat.st_uid != os.getuid() or stat.st_mode & 0o022:
+    raise _UntrustedCacheError(f'{path} is owned by uid {stat.st_uid} with mode '
+                               f'{stat.st_mode & 0o777:o}, not yours and private')
+
+
 def _read_cache(cache_path: str, shape: tuple[int, ...]) -> np.ndarray | None:
-  """The cached images, or None when there is no cache or it is damaged (then it is rebuilt)."""
-  if not os.path.isfile(cache_path):
+  """The cached images, or None (with a warning, unless there is none) to decode the folder again.
+
+  The cache is trusted only when this user owns it and its folder and no one
+  else can write either; it is read without pickle, and its header's shape and
+  dtype are checked before any pixel is allocated, so a planted file (or a
+  decompression bomb) costs a rebuild, not the run.
+  """
+  if not os.path.lexists(cache_path):
     return None
   try:
-    # Opened here, so that a file np.load rejects is closed too.
-    with open(cache_path, 'rb') as f, np.load(f) as cached:
-      images = cached['images']
-  # What a damaged .npz raises; none is the user's to fix: the folder is decoded again.
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    _check_owned(os.path.dirname(cache_path))
+    _check_owned(cache_path)
+    with open(cache_path, 'rb', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as f, \
+        zipfile.ZipFile(f) as archive, archive.open('images.npy') as member:
+      read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                     (2, 0): np.lib.format.read_array_header_2_0}.get(
+                         np.lib.format.read_magic(member))
+      header = read_header(member) if read_header else 'an unknown .npy version'
+      if header != (shape, False, np.dtype(np.uint8)):
+        raise ValueError(f'it holds {header}, not uint8 images of shape {shape}')
+      images = np.empty(shape, np.uint8)  # The folder's shape: the file cannot choose it.
+      if member.readinto(memoryview(images).cast('B')) != images.size or member.read(1):
+        raise ValueError('its pixel data is not the size of its header')
+      return images
+  # What a damaged, planted or oversized cache raises: each means decoding the folder again.
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, MemoryError) as e:
+    print(f'warning: not using the decoded-image cache {cache_path} ({type(e).__name__}: '
+          f'{str(e).splitlines()[0] if str(e) else "unreadable"}); decoding the images again',
+          file=sys.stderr)
     return None
-  return images if images.shape == shape and images.dtype == np.uint8 else None
 
 
 def _write_cache(cache_root: str, cache_path: str, prefix: str, images: np.ndarray) -> None:
-  """Writes the cache atomically and removes this folder's older caches."""
+  """Writes the cache atomically (never through a planted link) and removes older caches."""
   try:
-    os.makedirs(cache_root, exist_ok=True)
-    own = {os.path.basename(cache_path), os.path.basename(cache_path) + '.tmp'}
-    stale = [n for n in os.listdir(cache_root) if n.startswith(prefix) and n not in own]
-    with open(cache_path + '.tmp', 'wb') as f:
-      np.savez(f, images=images)
-    os.replace(cache_path + '.tmp', cache_path)
+    os.makedirs(cache_root, mode=0o755, exist_ok=True)
+    stale = [n for n in os.listdir(cache_root)
+             if n.startswith(prefix) and n != os.path.basename(cache_path)]
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images)
+    files.write_atomically(cache_path, buffer.getvalue(), mode=0o644)
     for name in stale:
       os.remove(os.path.join(cache_root, name))
   except OSError as e:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
@@ -582,7 +583,78 @@ def test_image_folder_damaged_cache_is_rebuilt(tmp_path, capsys, damage):
   with np.load(cache) as rebuilt:  # Written afresh, and kept.
     np.testing.assert_array_equal(rebuilt['images'],
                                   np.concatenate([loaded.train_images, loaded.test_images]))
-  assert 'warning' not in capsys.readouterr().err
+  (warning,) = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
+  assert str(cache) in warning and 'decoding the images again' in warning
+
+
+def _cached_twice(root, capsys):
+  """Loads `root` once, which writes its cache; returns the cache's path, stderr cleared."""
+  data_sources.load('image_folder', str(root))
+  (cache,) = (root / data_sources.CACHE_DIRNAME).iterdir()
+  capsys.readouterr()
+  return cache
+
+
+def test_image_folder_cache_is_not_used_for_a_same_size_file_with_its_mtime_restored(tmp_path):
+  expected = _write_image_folder(tmp_path, train_per_class=3, test_per_class=1, jpeg=False)
+  data_sources.load('image_folder', str(tmp_path))
+  paths, pixels, _ = expected['train']
+  before = os.stat(paths[4])
+  changed = pixels[4][::-1].copy()  # Another image of the same size, as `cp -p` would bring it.
+  _write_png(paths[4], changed)
+  os.utime(paths[4], ns=(before.st_atime_ns, before.st_mtime_ns))
+  assert os.stat(paths[4]).st_size == before.st_size
+  reloaded = data_sources.load('image_folder', str(tmp_path))
+  np.testing.assert_array_equal(reloaded.train_images[4], changed)
+
+
+@pytest.mark.parametrize('plant', ['other_owner', 'group_writable', 'world_writable_folder'])
+def test_image_folder_cache_not_yours_alone_is_rebuilt_with_a_warning(tmp_path, capsys, plant):
+  expected = _write_image_folder(tmp_path, train_per_class=3, test_per_class=1)
+  cache = _cached_twice(tmp_path, capsys)
+  with np.load(cache) as cached:
+    planted = cached['images'].copy()
+  planted[0] = 255 - planted[0]  # What someone else put there.
+  with open(cache, 'wb') as f:
+    np.savez(f, images=planted)
+  if plant == 'other_owner':
+    os.chown(cache, os.getuid() + 1, -1)
+  elif plant == 'group_writable':
+    os.chmod(cache, 0o664)
+  else:
+    os.chmod(cache.parent, 0o777)
+  loaded = data_sources.load('image_folder', str(tmp_path))
+  _assert_images_as_written(loaded.train_images, *expected['train'][:2])
+  (warning,) = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
+  assert str(cache) in warning or str(cache.parent) in warning
+
+
+def test_image_folder_cache_is_not_written_through_a_planted_link(tmp_path, capsys):
+  expected = _write_image_folder(tmp_path / 'data', train_per_class=3, test_per_class=1)
+  cache = _cached_twice(tmp_path / 'data', capsys)
+  cache.unlink()
+  victim = tmp_path / 'victim'
+  victim.write_text('not to be overwritten')
+  cache.symlink_to(victim)
+  (cache.parent / (cache.name + '.tmp')).symlink_to(victim)  # Where a temporary used to go.
+  loaded = data_sources.load('image_folder', str(tmp_path / 'data'))
+  _assert_images_as_written(loaded.train_images, *expected['train'][:2])
+  assert victim.read_text() == 'not to be overwritten'
+  assert not cache.is_symlink() and cache.is_file()
+
+
+def test_image_folder_decompression_bomb_cache_is_rebuilt_with_a_warning(tmp_path, capsys):
+  expected = _write_image_folder(tmp_path, train_per_class=3, test_per_class=1)
+  cache = _cached_twice(tmp_path, capsys)
+  header = io.BytesIO()  # An .npy header claiming 3 TB of pixels, in a zip of a few hundred bytes.
+  np.lib.format.write_array_header_1_0(
+      header, {'descr': '|u1', 'fortran_order': False, 'shape': (1 << 20, 1 << 20, 3)})
+  with zipfile.ZipFile(cache, 'w', zipfile.ZIP_DEFLATED) as archive:
+    archive.writestr('images.npy', header.getvalue() + bytes(1 << 16))
+  loaded = data_sources.load('image_folder', str(tmp_path))
+  _assert_images_as_written(loaded.train_images, *expected['train'][:2])
+  (warning,) = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
+  assert str(cache) in warning
 
 
 def test_image_folder_with_an_unwritable_cache_dir_warns_and_loads(tmp_path, capsys):
