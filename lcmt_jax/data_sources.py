@@ -2,7 +2,7 @@
 
 | dataset | data_dir holds | read with |
 |---|---|---|
-| `cifar10` | `cifar-10-batches-py/` (or is it) | a restricted unpickler: NumPy, no code runs |
+| `cifar10` | `cifar-10-batches-py/` (or is it) | `cifar10_pickle`: opcodes read, no object built |
 | `svhn` | `train_32x32.mat`, `test_32x32.mat` | `scipy.io.loadmat` |
 | `image_folder` | `train/<class>/*`, `test/<class>/*` (PNG, JPEG) | Pillow, once: then a cache |
 | `cifar10`, `svhn` | anything else, or `''` | tensorflow-datasets, where installed |
@@ -19,15 +19,17 @@ import dataclasses
 import hashlib
 import io
 import os
-import pickle
 import socket
 import sys
 import zipfile
+import zlib
 from typing import Any, Callable
 
 import numpy as np
 
+from lcmt_jax import cifar10_pickle
 from lcmt_jax import errors
+from lcmt_jax import files
 from lcmt_jax import tf_cpu
 
 DATASETS = ('cifar10', 'svhn', 'image_folder', 'digits')
@@ -109,78 +111,38 @@ def _cifar10_folder(data_dir: str) -> str | None:
   return None
 
 
-# What a CIFAR-10 batch (a NumPy array in a dict) names; each name maps to the object NumPy
-# itself pickles, looked up once here, so no module is imported on a pickle's say-so.
-_RECONSTRUCT = np.ndarray((0,), np.uint8).__reduce__()[0]
-_PICKLE_GLOBALS = {
-    ('numpy.core.multiarray', '_reconstruct'): _RECONSTRUCT,  # Written by NumPy < 2 (the files).
-    ('numpy._core.multiarray', '_reconstruct'): _RECONSTRUCT,  # NumPy >= 2.
-    ('numpy', 'ndarray'): np.ndarray,
-    ('numpy', 'dtype'): np.dtype,
-}
-
-
-class _RefusedGlobalError(pickle.UnpicklingError):
-  """A pickle named something beyond `_PICKLE_GLOBALS`: loading it could run code."""
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-  """Loads containers, strings, numbers and NumPy arrays; refuses every other class or function."""
-
-  def find_class(self, module: str, name: str) -> Any:
-    try:
-      return _PICKLE_GLOBALS[module, name]
-    except KeyError:
-      raise _RefusedGlobalError(f'{module}.{name}') from None
-
-
-def _read_file(path: str, read: Callable[[str], Any], what: str, remedy: str) -> Any:
+def _read_file(path: str, read: Callable[[str], Any], what: str, remedy: str,
+               damaged: tuple[type[Exception], ...]) -> Any:
   """`read(path)`, with a missing file and a damaged one each said in one line with `remedy`.
 
-  A damaged file fails in many ways (a truncated pickle: EOFError or UnpicklingError;
-  a truncated .mat: OSError, TypeError, zlib's error; garbage: any parser's error), and
-  each means the same to the user; the reader's own one-line errors pass unchanged.
+  `damaged` lists what `read` raises for a file that is damaged, truncated or not
+  in its format; each means the same to the user. Anything else is a bug and
+  keeps its traceback.
   """
   if not os.path.isfile(path):
     raise DatasetUnreadableError(f'{path} is missing: {remedy}')
   try:
     return read(path)
-  except errors.UserInputError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
+  except cifar10_pickle.NotABatchError as e:  # Says what is wrong in its own words.
+    raise DatasetUnreadableError(f'{path} is not a CIFAR-10 batch: {e}; {remedy}') from None
+  except damaged as e:
     raise DatasetUnreadableError(f'{path} cannot be read as {what} ({type(e).__name__}): it is '
                                  f'damaged or truncated; {remedy}') from e
 
 
-def _unpickle_arrays(path: str) -> Any:
+def _read_bytes(path: str) -> bytes:
   with open(path, 'rb') as f:
-    raw = f.read()  # From memory, a damaged length field cannot ask for gigabytes.
-  try:
-    return _ArrayUnpickler(io.BytesIO(raw), encoding='bytes').load()
-  except _RefusedGlobalError as e:
-    raise DatasetUnreadableError(
-        f'{path} was refused: it asks to load {e} and a CIFAR-10 batch holds only NumPy arrays, '
-        'so loading it could run code; replace it with the file from cifar-10-python.tar.gz'
-    ) from None
+    return f.read()  # From memory, a damaged length field cannot ask for gigabytes.
 
 
 def _read_cifar10_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """One batch file: a dict with uint8 rows `data` (N, 3072, channel-major) and `labels`."""
-  batch = _read_file(path, _unpickle_arrays, 'a CIFAR-10 batch',
-                     f'a {_CIFAR10_FOLDER}/ folder needs {", ".join(_CIFAR10_FILES)}; extract '
-                     'them again from cifar-10-python.tar.gz')
-  if isinstance(batch, dict):
-    batch = {k.decode('latin1') if isinstance(k, bytes) else k: v for k, v in batch.items()}
-  data = batch.get('data') if isinstance(batch, dict) else None
-  labels = batch.get('labels') if isinstance(batch, dict) else None
-  if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-          and data.shape[1] == 3072 and isinstance(labels, list) and len(labels) == len(data)
-          and all(isinstance(v, int) and 0 <= v < 10 for v in labels)):
-    raise DatasetUnreadableError(
-        f'{path} is not a CIFAR-10 batch: it must hold a dict with uint8 "data" of shape '
-        '(N, 3072) and N "labels" in 0..9; replace it with the file from cifar-10-python.tar.gz')
-  images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # Channel planes to NHWC.
-  return np.ascontiguousarray(images), np.asarray(labels, np.int32)
+  """One batch file: uint8 rows (N, 3072, channel-major) and labels, as NHWC images and labels."""
+  rows, labels = _read_file(
+      path, lambda p: cifar10_pickle.read_batch(_read_bytes(p)), 'a CIFAR-10 batch',
+      'replace it with the file from cifar-10-python.tar.gz (a cifar-10-batches-py/ folder '
+      f'needs {", ".join(_CIFAR10_FILES)})', (OSError,))
+  images = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # Channel planes to NHWC.
+  return np.ascontiguousarray(images), labels
 
 
 def read_cifar10_pickles(folder: str) -> TrainTest:
@@ -194,12 +156,21 @@ def read_cifar10_pickles(folder: str) -> TrainTest:
   return TrainTest('cifar10_pickles', _CIFAR10_CLASSES, train_images, train_labels, *batches[-1])
 
 
+# What `scipy.io.loadmat` raised on 4,500 truncated and byte-flipped .mat files (compressed
+# and not): zlib.error, OSError, ValueError, TypeError, IndexError, NotImplementedError,
+# UnboundLocalError (a scipy bug), plus MatReadError (added where scipy is imported), and
+# what a damaged size field can ask for (MemoryError, OverflowError).
+_MAT_DAMAGED = (zlib.error, OSError, ValueError, TypeError, IndexError, NotImplementedError,
+                UnboundLocalError, MemoryError, OverflowError)
+
+
 def _read_svhn_file(path: str) -> tuple[np.ndarray, np.ndarray]:
   """`X` (32, 32, 3, N) uint8 and `y` (N, 1) in 1..10, as NHWC images and labels 0..9."""
   from scipy import io as scipy_io  # pylint: disable=import-outside-toplevel
   mat = _read_file(path, lambda p: scipy_io.loadmat(p, variable_names=('X', 'y')),
                    'a MATLAB file', f'SVHN needs both {" and ".join(_SVHN_FILES)} in '
-                   'config.data_dir; download them from http://ufldl.stanford.edu/housenumbers/')
+                   'config.data_dir; download them from http://ufldl.stanford.edu/housenumbers/',
+                   _MAT_DAMAGED + (scipy_io.matlab.MatReadError,))
   images, labels = mat.get('X'), mat.get('y')
   if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
           and images.shape[:3] == (32, 32, 3) and isinstance(labels, np.ndarray)
@@ -252,12 +223,19 @@ def _list_split(data_dir: str, split: str) -> tuple[list[str], list[list[str]]]:
 
 
 def _fingerprint(data_dir: str, paths: list[str], image_size: int) -> str:
-  """A hash of every file's path, size and modification time: a changed folder changes it."""
-  digest = hashlib.sha256(f'v1 {image_size}'.encode())
+  """A hash of every file's path, size, mtime, inode and ctime: a changed folder changes it.
+
+  `cp -p`, `rsync -t` and `tar x` restore a replaced file's mtime (and a file of
+  the same size keeps its size), but none can restore its inode number or ctime,
+  which the kernel sets on every write or rename. This costs one stat per file;
+  a hash of the contents would be as safe against that, but would read every
+  image on every load, the work the cache exists to skip.
+  """
+  digest = hashlib.sha256(f'v2 {image_size}'.encode())
   for path in paths:
     stat = os.stat(path)
     digest.update(f'\0{os.path.relpath(path, data_dir)}\0{stat.st_size}\0{stat.st_mtime_ns}'
-                  .encode())
+                  f'\0{stat.st_ino}\0{stat.st_ctime_ns}'.encode())
   return digest.hexdigest()[:20]
 
 
@@ -321,29 +299,60 @@ def load_image_folder(data_dir: str, *, image_size: int, cache_dir: str = '') ->
                    images[num_train:], labels[num_train:])
 
 
+class _UntrustedCacheError(ValueError):
+  """The cache, or its folder, is not this user's alone: anyone else could have written it."""
+
+
+def _check_owned(path: str) -> None:
+  """Refuses `path` unless the current user owns it and no one else may write to it."""
+  stat = os.lstat(path)
+  if stat.st_uid != os.getuid() or stat.st_mode & 0o022:
+    raise _UntrustedCacheError(f'{path} is owned by uid {stat.st_uid} with mode '
+                               f'{stat.st_mode & 0o777:o}, not yours and private')
+
+
 def _read_cache(cache_path: str, shape: tuple[int, ...]) -> np.ndarray | None:
-  """The cached images, or None when there is no cache or it is damaged (then it is rebuilt)."""
-  if not os.path.isfile(cache_path):
+  """The cached images, or None (with a warning, unless there is none) to decode the folder again.
+
+  The cache is trusted only when this user owns it and its folder and no one
+  else can write either; it is read without pickle, and its header's shape and
+  dtype are checked before any pixel is allocated, so a planted file (or a
+  decompression bomb) costs a rebuild, not the run.
+  """
+  if not os.path.lexists(cache_path):
     return None
   try:
-    # Opened here, so that a file np.load rejects is closed too.
-    with open(cache_path, 'rb') as f, np.load(f) as cached:
-      images = cached['images']
-  # What a damaged .npz raises; none is the user's to fix: the folder is decoded again.
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    _check_owned(os.path.dirname(cache_path))
+    _check_owned(cache_path)
+    with open(cache_path, 'rb', opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as f, \
+        zipfile.ZipFile(f) as archive, archive.open('images.npy') as member:
+      read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                     (2, 0): np.lib.format.read_array_header_2_0}.get(
+                         np.lib.format.read_magic(member))
+      header = read_header(member) if read_header else 'an unknown .npy version'
+      if header != (shape, False, np.dtype(np.uint8)):
+        raise ValueError(f'it holds {header}, not uint8 images of shape {shape}')
+      images = np.empty(shape, np.uint8)  # The folder's shape: the file cannot choose it.
+      if member.readinto(memoryview(images).cast('B')) != images.size or member.read(1):
+        raise ValueError('its pixel data is not the size of its header')
+      return images
+  # What a damaged, planted or oversized cache raises: each means decoding the folder again.
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, MemoryError) as e:
+    print(f'warning: not using the decoded-image cache {cache_path} ({type(e).__name__}: '
+          f'{str(e).splitlines()[0] if str(e) else "unreadable"}); decoding the images again',
+          file=sys.stderr)
     return None
-  return images if images.shape == shape and images.dtype == np.uint8 else None
 
 
 def _write_cache(cache_root: str, cache_path: str, prefix: str, images: np.ndarray) -> None:
-  """Writes the cache atomically and removes this folder's older caches."""
+  """Writes the cache atomically (never through a planted link) and removes older caches."""
   try:
-    os.makedirs(cache_root, exist_ok=True)
-    own = {os.path.basename(cache_path), os.path.basename(cache_path) + '.tmp'}
-    stale = [n for n in os.listdir(cache_root) if n.startswith(prefix) and n not in own]
-    with open(cache_path + '.tmp', 'wb') as f:
-      np.savez(f, images=images)
-    os.replace(cache_path + '.tmp', cache_path)
+    os.makedirs(cache_root, mode=0o755, exist_ok=True)
+    stale = [n for n in os.listdir(cache_root)
+             if n.startswith(prefix) and n != os.path.basename(cache_path)]
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images)
+    files.write_atomically(cache_path, buffer.getvalue(), mode=0o644)
     for name in stale:
       os.remove(os.path.join(cache_root, name))
   except OSError as e:

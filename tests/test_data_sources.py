@@ -6,10 +6,10 @@ import json
 import os
 import pickle
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ from lcmt_jax import errors
 from lcmt_jax import input_pipeline
 from lcmt_jax import trainer
 from tests import helpers
+from tests import test_cifar10_pickle
 from tests.test_input_pipeline import _reference_labeled_indices
 from lcmt_jax.testing.runs import REPO, TINY_FLAGS
 from tests.test_trainer import tiny_config
@@ -215,63 +216,8 @@ def test_digits_statistics_match_the_constants():
 
 # --- CIFAR-10 python pickles --------------------------------------------------------------------
 
-_RECONSTRUCT = np.zeros(0).__reduce__()[0]
-
-
-class _Python2Pickler(pickle._Pickler):  # pylint: disable=protected-access
-  """Writes what Python 2 wrote into cifar-10-python.tar.gz (protocol 2, str as byte strings).
-
-  Every str and bytes becomes a BINSTRING (bytes again under `encoding='bytes'`),
-  and NumPy's array reconstructor is named as NumPy < 2 named it.
-  """
-
-  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
-  _NUMPY_NAMES = {_RECONSTRUCT: ('numpy.core.multiarray', '_reconstruct'),
-                  np.ndarray: ('numpy', 'ndarray'), np.dtype: ('numpy', 'dtype')}
-
-  def __init__(self, file):
-    super().__init__(file, protocol=2, fix_imports=False)
-
-  def save_byte_string(self, obj):
-    if isinstance(obj, str):
-      obj = obj.encode('latin1')
-    if len(obj) < 256:
-      self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-    else:
-      self.write(pickle.BINSTRING + struct.pack('<i', len(obj)) + obj)
-    self.memoize(obj)
-
-  dispatch[str] = save_byte_string
-  dispatch[bytes] = save_byte_string
-
-  def save_global(self, obj, name=None):
-    if obj not in self._NUMPY_NAMES:
-      return super().save_global(obj, name)
-    module, name = self._NUMPY_NAMES[obj]
-    self.write(pickle.GLOBAL + f'{module}\n{name}\n'.encode())
-    self.memoize(obj)
-    return None
-
-  def reducer_override(self, obj):
-    if isinstance(obj, np.ndarray):
-      return (_RECONSTRUCT, *obj.__reduce__()[1:])
-    if isinstance(obj, np.dtype):  # Python 2's NumPy wrote 0 and 1 for the flags.
-      cls, (kind, align, copy), state = obj.__reduce__()
-      return cls, (kind, int(align), int(copy)), state
-    return NotImplemented
-
-
-def _python2_pickle(obj) -> bytes:
-  buffer = io.BytesIO()
-  _Python2Pickler(buffer).dump(obj)
-  return buffer.getvalue()
-
-
-def _cifar10_batch(images, labels, name):
-  """A batch file's dict: channel-major rows (R plane, G plane, B plane, each row-major)."""
-  rows = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
-  return {'batch_label': f'{name} of 5', 'labels': [int(v) for v in labels], 'data': rows,
-          'filenames': [f'{name}_{i}.png' for i in range(len(images))]}
+_python2_pickle = test_cifar10_pickle.python2_pickle
+_cifar10_batch = test_cifar10_pickle.cifar10_batch
 
 
 def _write_cifar10_pickles(parent, per_file=6, test_size=5, seed=0):
@@ -638,7 +584,78 @@ def test_image_folder_damaged_cache_is_rebuilt(tmp_path, capsys, damage):
   with np.load(cache) as rebuilt:  # Written afresh, and kept.
     np.testing.assert_array_equal(rebuilt['images'],
                                   np.concatenate([loaded.train_images, loaded.test_images]))
-  assert 'warning' not in capsys.readouterr().err
+  (warning,) = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
+  assert str(cache) in warning and 'decoding the images again' in warning
+
+
+def _cached_twice(root, capsys):
+  """Loads `root` once, which writes its cache; returns the cache's path, stderr cleared."""
+  data_sources.load('image_folder', str(root))
+  (cache,) = (root / data_sources.CACHE_DIRNAME).iterdir()
+  capsys.readouterr()
+  return cache
+
+
+def test_image_folder_cache_is_not_used_for_a_same_size_file_with_its_mtime_restored(tmp_path):
+  expected = _write_image_folder(tmp_path, train_per_class=3, test_per_class=1, jpeg=False)
+  data_sources.load('image_folder', str(tmp_path))
+  paths, pixels, _ = expected['train']
+  before = os.stat(paths[4])
+  changed = pixels[4][::-1].copy()  # Another image of the same size, as `cp -p` would bring it.
+  _write_png(paths[4], changed)
+  os.utime(paths[4], ns=(before.st_atime_ns, before.st_mtime_ns))
+  assert os.stat(paths[4]).st_size == before.st_size
+  reloaded = data_sources.load('image_folder', str(tmp_path))
+  np.testing.assert_array_equal(reloaded.train_images[4], changed)
+
+
+@pytest.mark.parametrize('plant', ['other_owner', 'group_writable', 'world_writable_folder'])
+def test_image_folder_cache_not_yours_alone_is_rebuilt_with_a_warning(tmp_path, capsys, plant):
+  expected = _write_image_folder(tmp_path, train_per_class=3, test_per_class=1)
+  cache = _cached_twice(tmp_path, capsys)
+  with np.load(cache) as cached:
+    planted = cached['images'].copy()
+  planted[0] = 255 - planted[0]  # What someone else put there.
+  with open(cache, 'wb') as f:
+    np.savez(f, images=planted)
+  if plant == 'other_owner':
+    os.chown(cache, os.getuid() + 1, -1)
+  elif plant == 'group_writable':
+    os.chmod(cache, 0o664)
+  else:
+    os.chmod(cache.parent, 0o777)
+  loaded = data_sources.load('image_folder', str(tmp_path))
+  _assert_images_as_written(loaded.train_images, *expected['train'][:2])
+  (warning,) = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
+  assert str(cache) in warning or str(cache.parent) in warning
+
+
+def test_image_folder_cache_is_not_written_through_a_planted_link(tmp_path, capsys):
+  expected = _write_image_folder(tmp_path / 'data', train_per_class=3, test_per_class=1)
+  cache = _cached_twice(tmp_path / 'data', capsys)
+  cache.unlink()
+  victim = tmp_path / 'victim'
+  victim.write_text('not to be overwritten')
+  cache.symlink_to(victim)
+  (cache.parent / (cache.name + '.tmp')).symlink_to(victim)  # Where a temporary used to go.
+  loaded = data_sources.load('image_folder', str(tmp_path / 'data'))
+  _assert_images_as_written(loaded.train_images, *expected['train'][:2])
+  assert victim.read_text() == 'not to be overwritten'
+  assert not cache.is_symlink() and cache.is_file()
+
+
+def test_image_folder_decompression_bomb_cache_is_rebuilt_with_a_warning(tmp_path, capsys):
+  expected = _write_image_folder(tmp_path, train_per_class=3, test_per_class=1)
+  cache = _cached_twice(tmp_path, capsys)
+  header = io.BytesIO()  # An .npy header claiming 3 TB of pixels, in a zip of a few hundred bytes.
+  np.lib.format.write_array_header_1_0(
+      header, {'descr': '|u1', 'fortran_order': False, 'shape': (1 << 20, 1 << 20, 3)})
+  with zipfile.ZipFile(cache, 'w', zipfile.ZIP_DEFLATED) as archive:
+    archive.writestr('images.npy', header.getvalue() + bytes(1 << 16))
+  loaded = data_sources.load('image_folder', str(tmp_path))
+  _assert_images_as_written(loaded.train_images, *expected['train'][:2])
+  (warning,) = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
+  assert str(cache) in warning
 
 
 def test_image_folder_with_an_unwritable_cache_dir_warns_and_loads(tmp_path, capsys):
