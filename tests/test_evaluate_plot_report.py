@@ -84,6 +84,14 @@ def test_evaluate_torch_checkpoint_equals_the_exported_teacher(one_epoch_run, re
   np.testing.assert_array_equal(confusion, evaluate.evaluate(restored)['test']['teacher'])
 
 
+class _RunsCode:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.makedirs, (self.marker,))
+
+
 def _unreadable_torch_file(path, case):
   """A `.pth` file that is not a readable reference ConvLarge checkpoint."""
   torch = pytest.importorskip('torch')
@@ -92,6 +100,8 @@ def _unreadable_torch_file(path, case):
   elif case == 'truncated':
     torch.save({'state_dict': {k: torch.zeros(8) for k in 'abcdefgh'}}, path)
     path.write_bytes(path.read_bytes()[:200])
+  elif case == 'code':  # Loading it with a plain unpickler would create the marker file.
+    torch.save({'state_dict': _RunsCode(str(path.parent / 'code_ran'))}, path)
   else:  # 'foreign': a readable checkpoint of another network.
     torch.save({'state_dict': {'fc.weight': torch.zeros(3, 3)}}, path)
   return path
@@ -119,7 +129,7 @@ def test_evaluate_bad_input_exits_2_with_one_line(tmp_path, case, message):
   assert helpers.directory_contents(tmp_path) == before
 
 
-@pytest.mark.parametrize('case', ['truncated', 'foreign'])
+@pytest.mark.parametrize('case', ['truncated', 'foreign', 'code'])
 def test_unreadable_torch_checkpoints_are_one_line_user_errors(tmp_path, case):
   # The command line turns these into `error: ...` and exit 2, as for the bad file above.
   path = _unreadable_torch_file(tmp_path / 'model.pth', case)
@@ -127,7 +137,7 @@ def test_unreadable_torch_checkpoints_are_one_line_user_errors(tmp_path, case):
   with pytest.raises(evaluate.TorchCheckpointError, match='^cannot read ') as error:
     evaluate.import_torch_checkpoint(tiny_config(), str(path))
   assert '\n' not in str(error.value)
-  assert helpers.directory_contents(tmp_path) == before
+  assert helpers.directory_contents(tmp_path) == before  # No code ran: no marker appeared.
 
 
 def test_plot_writes_png_files(one_epoch_run, tmp_path):
