@@ -69,7 +69,7 @@ class Experiment:
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experiment:
-  """Checks `config`, loads and splits its data onto `mesh`, builds the state and compiled functions.
+  """Checks `config`, puts its split data on `mesh`, builds the state and compiled functions.
 
   Raises `errors.UserInputError` subclasses for a bad config or data set.
   """
