@@ -3,7 +3,7 @@
 | dataset | data_dir holds | read with |
 |---|---|---|
 | `cifar10` | `cifar-10-batches-py/` (or is it) | `cifar10_pickle`: opcodes read, no object built |
-| `svhn` | `train_32x32.mat`, `test_32x32.mat` | `scipy.io.loadmat` |
+| `svhn` | `train_32x32.mat`, `test_32x32.mat` | `svhn_mat`: MAT v5 read with NumPy, sizes checked |
 | `image_folder` | `train/<class>/*`, `test/<class>/*` (PNG, JPEG) | Pillow, once: then a cache |
 | `cifar10`, `svhn` | anything else, or `''` | tensorflow-datasets, where installed |
 | `digits` | - (embedded in scikit-learn) | scikit-learn |
@@ -22,7 +22,6 @@ import os
 import socket
 import sys
 import zipfile
-import zlib
 from typing import Any, Callable
 
 import numpy as np
@@ -30,6 +29,7 @@ import numpy as np
 from lcmt_jax import cifar10_pickle
 from lcmt_jax import errors
 from lcmt_jax import files
+from lcmt_jax import svhn_mat
 from lcmt_jax import tf_cpu
 
 DATASETS = ('cifar10', 'svhn', 'image_folder', 'digits')
@@ -123,8 +123,9 @@ def _read_file(path: str, read: Callable[[str], Any], what: str, remedy: str,
     raise DatasetUnreadableError(f'{path} is missing: {remedy}')
   try:
     return read(path)
-  except cifar10_pickle.NotABatchError as e:  # Says what is wrong in its own words.
-    raise DatasetUnreadableError(f'{path} is not a CIFAR-10 batch: {e}; {remedy}') from None
+  # These say what is wrong in their own words.
+  except (cifar10_pickle.NotABatchError, svhn_mat.MatFileError) as e:
+    raise DatasetUnreadableError(f'{path} is not {what}: {e}; {remedy}') from None
   except damaged as e:
     raise DatasetUnreadableError(f'{path} cannot be read as {what} ({type(e).__name__}): it is '
                                  f'damaged or truncated; {remedy}') from e
@@ -156,21 +157,12 @@ def read_cifar10_pickles(folder: str) -> TrainTest:
   return TrainTest('cifar10_pickles', _CIFAR10_CLASSES, train_images, train_labels, *batches[-1])
 
 
-# What `scipy.io.loadmat` raised on 4,500 truncated and byte-flipped .mat files (compressed
-# and not): zlib.error, OSError, ValueError, TypeError, IndexError, NotImplementedError,
-# UnboundLocalError (a scipy bug), plus MatReadError (added where scipy is imported), and
-# what a damaged size field can ask for (MemoryError, OverflowError).
-_MAT_DAMAGED = (zlib.error, OSError, ValueError, TypeError, IndexError, NotImplementedError,
-                UnboundLocalError, MemoryError, OverflowError)
-
-
 def _read_svhn_file(path: str) -> tuple[np.ndarray, np.ndarray]:
   """`X` (32, 32, 3, N) uint8 and `y` (N, 1) in 1..10, as NHWC images and labels 0..9."""
-  from scipy import io as scipy_io  # pylint: disable=import-outside-toplevel
-  mat = _read_file(path, lambda p: scipy_io.loadmat(p, variable_names=('X', 'y')),
-                   'a MATLAB file', f'SVHN needs both {" and ".join(_SVHN_FILES)} in '
-                   'config.data_dir; download them from http://ufldl.stanford.edu/housenumbers/',
-                   _MAT_DAMAGED + (scipy_io.matlab.MatReadError,))
+  mat = _read_file(path, lambda p: svhn_mat.read_numeric_arrays(p, ('X', 'y')),
+                   'a MAT-file of version 5 to 7',
+                   f'SVHN needs both {" and ".join(_SVHN_FILES)} in config.data_dir; download '
+                   'them from http://ufldl.stanford.edu/housenumbers/', (OSError,))
   images, labels = mat.get('X'), mat.get('y')
   if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
           and images.shape[:3] == (32, 32, 3) and isinstance(labels, np.ndarray)

@@ -354,7 +354,7 @@ def test_cifar10_damaged_batch_file_is_named(tmp_path, damage):
 
 # --- SVHN .mat files ----------------------------------------------------------------------------
 
-def _write_svhn(folder, sizes=(12, 7), seed=0):
+def _write_svhn(folder, sizes=(12, 7), seed=0, compress=False):
   """`train_32x32.mat` and `test_32x32.mat` as SVHN writes them: X (32, 32, 3, N), y in 1..10."""
   from scipy import io as scipy_io  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(seed)
@@ -362,13 +362,14 @@ def _write_svhn(folder, sizes=(12, 7), seed=0):
   for name, n in zip(('train_32x32.mat', 'test_32x32.mat'), sizes):
     x = rng.randint(0, 256, (32, 32, 3, n)).astype(np.uint8)
     y = (np.arange(n) % 10 + 1).astype(np.uint8)[rng.permutation(n)][:, None]
-    scipy_io.savemat(str(folder / name), {'X': x, 'y': y})
+    scipy_io.savemat(str(folder / name), {'X': x, 'y': y}, do_compression=compress)
     written.append((x, y))
   return written
 
 
-def test_svhn_mat_labels_and_pixel_order(tmp_path):
-  (train_x, train_y), (test_x, test_y) = _write_svhn(tmp_path)
+@pytest.mark.parametrize('compress', [False, True])
+def test_svhn_mat_labels_and_pixel_order(tmp_path, compress):
+  (train_x, train_y), (test_x, test_y) = _write_svhn(tmp_path, compress=compress)
   loaded = data_sources.load('svhn', str(tmp_path))
   assert loaded.source == 'svhn_mat' and loaded.class_names == tuple('0123456789')
   assert loaded.train_images.shape == (12, 32, 32, 3) and loaded.train_images.dtype == np.uint8
@@ -423,6 +424,22 @@ def test_svhn_file_with_the_wrong_content_is_named(tmp_path, content):
   with pytest.raises(data_sources.DatasetUnreadableError) as error:
     data_sources.load('svhn', str(tmp_path))
   assert str(tmp_path / 'test_32x32.mat') in _one_line(error)
+
+
+@pytest.mark.parametrize('damage, reason', [
+    # MATLAB's -v7.3 header (HDF5 follows it), and the flags that crashed scipy.io.loadmat.
+    (lambda raw: raw[:124] + b'\x00\x02' + raw[126:], 'MATLAB v7.3 MAT-file (HDF5)'),
+    (lambda raw: raw[:145] + b'\xf9' + raw[146:], "its 'X' is complex"),
+], ids=['v7.3', 'complex_flag'])
+def test_svhn_mat_file_refused_says_why(tmp_path, damage, reason):
+  _write_svhn(tmp_path)
+  path = tmp_path / 'train_32x32.mat'
+  path.write_bytes(damage(path.read_bytes()))
+  with pytest.raises(data_sources.DatasetUnreadableError) as error:
+    data_sources.load('svhn', str(tmp_path))
+  message = _one_line(error)
+  assert message.startswith(f'{path} is not a MAT-file of version 5 to 7: ')
+  assert reason in message and 'ufldl.stanford.edu/housenumbers' in message
 
 
 # --- Image folders ------------------------------------------------------------------------------
