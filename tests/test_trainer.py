@@ -253,10 +253,13 @@ TINY_FLAGS = [f'--config.{k}={v}' for k, v in dict(
 #   orbax's `AtomicRenameTemporaryPath`);
 # - KILL_AT_CALL=N: once the N-th call of the compiled training steps is dispatched and the
 #   path KILL_ONCE_EXISTS exists (checkpoints are committed in the background), so the
-#   process dies while those steps run or right after.
+#   process dies while those steps run or right after;
+# - KILL_IN_RECORD=N: inside the N-th metrics.jsonl record's write, once the first half of its
+#   line is on disk and the path KILL_ONCE_EXISTS exists.
 KILLED_SCRIPT = textwrap.dedent('''
     import os, runpy, signal, sys, time
     from orbax.checkpoint._src.path import atomicity
+    from lcmt_jax import metrics_log
     from lcmt_jax import trainer
 
     def kill():
@@ -284,8 +287,27 @@ KILLED_SCRIPT = textwrap.dedent('''
         return result
       return killed_train_fn
 
+    records = []
+
+    def open_torn(path, mode='r', *args, **kwargs):  # MetricsLog appends each record with open().
+      f = open(path, mode, *args, **kwargs)
+      if 'a' in mode:
+        records.append(None)
+        if len(records) == int(os.environ.get('KILL_IN_RECORD', 0)):
+          write = f.write
+
+          def torn_write(line):
+            while not os.path.exists(os.environ['KILL_ONCE_EXISTS']):
+              time.sleep(0.01)
+            write(line[:len(line) // 2])
+            f.flush()
+            kill()
+          f.write = torn_write
+      return f
+
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
     trainer.make_train_fn = make_killed_train_fn
+    metrics_log.open = open_torn
     sys.argv = ['train.py', *sys.argv[1:]]
     runpy.run_path('train.py', run_name='__main__')
 ''')
@@ -329,3 +351,27 @@ def test_run_killed_at_any_point_resumes_to_the_same_result(uninterrupted_run, t
   assert sorted(os.listdir(uninterrupted_run / 'checkpoints')) == sorted(
       os.listdir(checkpoints))
 
+
+
+@pytest.mark.slow
+def test_run_killed_inside_a_metrics_record_resumes_to_the_same_result(
+    uninterrupted_run, tmp_path, capsys):
+  """Kill -9 halfway through the bytes of epoch 2's eval record, checkpoint 1 complete: the same
+  command drops the torn line with the rest of epoch 2 and resumes from epoch 1."""
+  workdir = tmp_path / 'run'
+  args = ['--config=configs/quickstart.py', *TINY_FLAGS, '--config.num_epochs=3',
+          f'--workdir={workdir}']
+  # Records: epoch 1 train and eval, epoch 2 train, then the 4th, epoch 2's eval, torn.
+  when = dict(KILL_IN_RECORD='4', KILL_ONCE_EXISTS=str(workdir / 'checkpoints' / '1'))
+  result = subprocess.run([sys.executable, '-c', KILLED_SCRIPT, *args], cwd=REPO,
+                          env=dict(os.environ, **when), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+  lines = (workdir / 'metrics.jsonl').read_text().split('\n')
+  assert len(lines) == 4 and lines[3].startswith('{"epoch": 2, "kind": "eval"')
+  with pytest.raises(json.JSONDecodeError):
+    json.loads(lines[3])
+
+  assert conftest.run_train(*args) == 0
+  assert 'from epoch 1' in capsys.readouterr().out
+  assert_same_run(uninterrupted_run, workdir, epochs=3)
