@@ -10,7 +10,8 @@
 # run.tar.part-* files (absent or empty: a new run). The run resumes from them, trains for
 # SECONDS (then train.py is interrupted; at most the epochs since its last checkpoint, 5
 # by default, are lost), and OUT gets the run again as run.tar.part-* of at most 15 MiB
-# each (records, tensorboard, the latest checkpoint; about 35 MB at width 128), the
+# each (records, tensorboard, and the two checkpoints the run keeps: the latest, to resume
+# from, and the best, for `lcmt_jax.evaluate`; about 35 MB each at width 128), the
 # run's metrics.jsonl and everything printed (train.log): carry OUT's parts as PARTS of
 # the next segment. Environment: CONFIG (default configs/cifar10.py, the faithful MT+LC
 # run), PYTHON (python3). Changing the config between segments needs --allow_config_change
@@ -37,10 +38,18 @@ timeout --kill-after=60 --signal=INT "$seconds" "$python" train.py --config="${C
   --config.dataset=image_folder --config.data_dir="$data" --config.compute_dtype=bfloat16 \
   --config.progress_bar=False --workdir="$run" "$@" 2>&1 | grep --line-buffered -v cuda_timer \
   | tee -a "$out/train.log"
-latest=$(ls "$run/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
-[[ -n "$latest" ]] || { echo "no checkpoint was written: nothing to carry" | tee -a "$out/train.log"; exit 1; }
-echo "packing the run at its latest checkpoint, epoch $latest (at $((SECONDS - start)) s)" \
+ls "$run/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' > /dev/null || { echo "no checkpoint was written: nothing to carry" | tee -a "$out/train.log"; exit 1; }
+# The epochs of the latest and the best checkpoint, as the run's checkpoint manager reads them.
+kept=($("$python" -c '
+import sys
+from lcmt_jax import checkpointing
+checkpoints = checkpointing.RunCheckpoints(sys.argv[1], read_only=True)
+print(*sorted({checkpoints.epoch_of(kind) for kind in checkpointing.KINDS} - {None}))
+checkpoints.close()
+' "$run" 2>>"$out/train.log")) || { echo "cannot read the run's checkpoints" | tee -a "$out/train.log"; exit 1; }
+echo "packing the run with checkpoint(s) ${kept[*]} (latest and best; at $((SECONDS - start)) s)" \
   | tee -a "$out/train.log"
 records=$(cd "$run" && ls | grep -v '^checkpoints$')
-tar cf - -C "$run" $records "checkpoints/$latest" | split -b 15M - "$out/run.tar.part-" || exit 1
+tar cf - -C "$run" $records "${kept[@]/#/checkpoints/}" | split -b 15M - "$out/run.tar.part-" \
+  || exit 1
 cp "$run/metrics.jsonl" "$out/"

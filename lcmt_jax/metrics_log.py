@@ -16,6 +16,9 @@ import numpy as np
 import tqdm
 from tensorboard import summary as tensorboard_summary
 
+from lcmt_jax import errors
+from lcmt_jax import files
+
 _BAR_METRICS = ('loss', 'ce_loss', 'consistency_loss', 'lc_loss')
 
 
@@ -28,7 +31,8 @@ class MetricsLog:
 
   On resumption the records after the restored epoch (written by the
   interrupted run after its last checkpoint) are dropped, so the file holds
-  each epoch once. A disabled log (on every process but the lead one of a
+  each epoch once; so is a last line torn by a kill in the middle of its write
+  (`read_records`). A disabled log (on every process but the lead one of a
   multi-process run) writes nothing.
   """
 
@@ -37,10 +41,8 @@ class MetricsLog:
     self._workdir = workdir
     self._enabled = enabled
     if enabled and os.path.exists(self._path):
-      kept = [line for line in read_records(self._path) if line['epoch'] <= resume_after_epoch]
-      with open(self._path + '.tmp', 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)
-      os.replace(self._path + '.tmp', self._path)
+      kept = [r for r in read_records(self._path) if r['epoch'] <= resume_after_epoch]
+      files.write_atomically(self._path, ''.join(json.dumps(r) + '\n' for r in kept))
     self._tensorboard = None
 
   def write(self, epoch: int, kind: str, values: dict[str, float]) -> None:
@@ -63,10 +65,8 @@ class MetricsLog:
   def write_summary(self, summary: dict[str, Any]) -> None:
     if not self._enabled:
       return
-    path = os.path.join(self._workdir, 'summary.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(summary, f, indent=2)
-    os.replace(path + '.tmp', path)
+    files.write_atomically(os.path.join(self._workdir, 'summary.json'),
+                           json.dumps(summary, indent=2))
 
 
 def _use_tensorboards_tensorflow_stub() -> None:
@@ -80,10 +80,47 @@ def _use_tensorboards_tensorflow_stub() -> None:
   sys.modules.setdefault('tensorboard.compat.notf', types.ModuleType('tensorboard.compat.notf'))
 
 
-def read_records(path: str) -> list[dict[str, Any]]:
-  """The records of a metrics.jsonl file, in order."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+class MetricsFileError(errors.UserInputError):
+  """A metrics.jsonl line other than the last is not a record."""
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+  """The record on a whole `line` (newline included), or None where it is not one."""
+  if not line.endswith(b'\n'):
+    return None
+  try:
+    record = json.loads(line)
+  except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8.
+    return None
+  if not (isinstance(record, dict) and isinstance(record.get('epoch'), int)
+          and isinstance(record.get('kind'), str)):
+    return None
+  return record
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl file, in order, less a torn last line.
+
+  Records are appended one line at a time, so a run killed in the middle of a
+  write (or a file read while a run writes it) can end in part of a line: an
+  unterminated or unparseable last line is that, and is left out. Such a line
+  anywhere else is damage, which raises `MetricsFileError` naming it.
+  """
+  records, torn = [], None
+  with open(path, 'rb') as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      if torn is not None:
+        raise MetricsFileError(
+            f'{path} line {torn} is not a metrics record, and lines follow it (only the last line '
+            'can be cut short by a kill): repair or remove that line, or use a new --workdir')
+      record = _record(line)
+      if record is None:
+        torn = number
+      else:
+        records.append(record)
+  return records
 
 
 class Progress:

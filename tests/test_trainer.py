@@ -223,11 +223,14 @@ def test_a_diverging_update_is_caught_in_its_own_step(tmp_path):
 #   orbax's `AtomicRenameTemporaryPath`);
 # - KILL_AT_CALL=N: once the N-th call of the compiled training steps is dispatched and the
 #   path KILL_ONCE_EXISTS exists (checkpoints are committed in the background), so the
-#   process dies while those steps run or right after.
+#   process dies while those steps run or right after;
+# - KILL_IN_RECORD=N: inside the N-th metrics.jsonl record this process writes, once the first half of its
+#   line is on disk and the path KILL_ONCE_EXISTS exists.
 KILLED_SCRIPT = textwrap.dedent('''
     import os, runpy, signal, sys, time
     from orbax.checkpoint._src.path import atomicity
     from lcmt_jax import experiment
+    from lcmt_jax import metrics_log
 
     def kill():
       os.kill(os.getpid(), signal.SIGKILL)
@@ -254,8 +257,27 @@ KILLED_SCRIPT = textwrap.dedent('''
         return result
       return killed_train_fn
 
+    records = []
+
+    def open_torn(path, mode='r', *args, **kwargs):  # MetricsLog appends each record with open().
+      f = open(path, mode, *args, **kwargs)
+      if 'a' in mode:
+        records.append(None)
+        if len(records) == int(os.environ.get('KILL_IN_RECORD', 0)):
+          write = f.write
+
+          def torn_write(line):
+            while not os.path.exists(os.environ['KILL_ONCE_EXISTS']):
+              time.sleep(0.01)
+            write(line[:len(line) // 2])
+            f.flush()
+            kill()
+          f.write = torn_write
+      return f
+
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
     experiment.make_train_fn = make_killed_train_fn
+    metrics_log.open = open_torn
     sys.argv = ['train.py', *sys.argv[1:]]
     runpy.run_path('train.py', run_name='__main__')
 ''')
@@ -263,8 +285,9 @@ KILLED_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_run_killed_at_any_point_resumes_to_the_same_result(uninterrupted_run, tmp_path, capsys):
-  """Kill -9 while checkpoint 1 is written, during a step of epoch 2, and while checkpoint 2 is
-  written; each time the same command resumes from the last complete checkpoint.
+  """Kill -9 while checkpoint 1 is written, during a step of epoch 2, halfway through the bytes of
+  a metrics record, and while checkpoint 2 is written; each time the same command resumes from
+  the last complete checkpoint (and drops a torn last metrics line).
 
   The last resume runs the command in this process, where the uninterrupted run left its
   compiled functions; everything it resumes from is on disk.
@@ -288,7 +311,14 @@ def test_run_killed_at_any_point_resumes_to_the_same_result(uninterrupted_run, t
   # 2. During the steps of epoch 2 (one compiled call an epoch), the first checkpoint complete.
   assert killed(KILL_AT_CALL='2', KILL_ONCE_EXISTS=str(checkpoints / '1')) == ['1']
 
-  # 3. While the second checkpoint is written.
+  # 3. Halfway through epoch 2's eval record, the second record this resumed run writes.
+  assert killed(KILL_IN_RECORD='2', KILL_ONCE_EXISTS=str(checkpoints / '1')) == ['1']
+  *_, torn = (workdir / 'metrics.jsonl').read_text().split('\n')
+  assert torn.startswith('{"epoch": 2, "kind": "eval"')
+  with pytest.raises(json.JSONDecodeError):
+    json.loads(torn)
+
+  # 4. While the second checkpoint is written.
   complete, partial = killed(KILL_AT_COMMIT='checkpoints/2')
   assert complete == '1' and partial.startswith('2.') and 'tmp' in partial
 
@@ -298,4 +328,3 @@ def test_run_killed_at_any_point_resumes_to_the_same_result(uninterrupted_run, t
   assert_same_run(uninterrupted_run, workdir, epochs=3)
   assert sorted(os.listdir(uninterrupted_run / 'checkpoints')) == sorted(
       os.listdir(checkpoints))
-
