@@ -18,10 +18,14 @@
 #                records so far are kept), so the whole script ends within a known time
 #   TRAIN_FLAGS  more train.py flags, e.g. a CPU dry run's
 #                "--config.width=8 --config.compute_dtype=float32"
+#   CONFIG       the config file and its arguments (default configs/cifar10.py; epochs=EPOCHS
+#                is appended), e.g. "configs/cifar10_wrn.py:recipe=wrn" (benchmarks/wrn_runs.sh)
 set -uo pipefail
 data=${1:?usage: cifar10_three_methods.sh DATA OUT_DIR}
 out=${2:?usage: cifar10_three_methods.sh DATA OUT_DIR}
 epochs=${EPOCHS:-80}
+config=${CONFIG:-configs/cifar10.py}
+[[ $config == *:* ]] && config+=",epochs=$epochs" || config+=":epochs=$epochs"
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
@@ -34,7 +38,7 @@ methods=(${METHODS:-mt_lc mt supervised})
 for method in "${methods[@]}"; do
   echo "=== $method, $epochs epochs (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
   timeout --signal=INT "${RUN_SECONDS:-240}" "$python" train.py \
-    --config="configs/cifar10.py:epochs=$epochs" --config.method="$method" \
+    --config="$config" --config.method="$method" \
     --config.dataset=image_folder --config.data_dir="$data" --config.compute_dtype=bfloat16 \
     --config.eval_every_epochs=5 --config.checkpoint_every_epochs="$epochs" \
     --config.progress_bar=False --workdir="$scratch/$method" ${TRAIN_FLAGS:-} \

@@ -55,6 +55,8 @@ def _torch_row_kinds(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """Flags of both processes; `forwarded_argv` passes them on to the PyTorch one."""
+  parser.add_argument('--model', choices=('convlarge', 'wrn28_2'), default='convlarge',
+                      help='the network (wrn28_2: WRN-28-2 under configs/cifar10_wrn.py)')
   parser.add_argument('--width', type=int, default=128)
   parser.add_argument('--labeled_batch', type=int, default=32)
   parser.add_argument('--unlabeled_batch', type=int, default=128)

@@ -2,7 +2,8 @@
 
     python -m benchmarks.throughput --steps 20 --warmup 2 --epoch --epoch_dtypes float32,bfloat16
 
-Rows (each at the full ConvLarge and a 32 + 128 batch unless flags say otherwise):
+Rows (each at the full ConvLarge and a 32 + 128 batch unless flags say otherwise;
+`--model wrn28_2` times WRN-28-2 instead, in JAX and in PyTorch):
 
 - JAX step, float32 and bfloat16 compute (`ConvLarge(dtype=...)`), and
   `float32-highest` (float32 with `jax.default_matmul_precision('highest')`, no
@@ -64,6 +65,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from benchmarks import common
 from benchmarks import profile_summary
 from benchmarks.common import Row
+from configs import cifar10_wrn
 from configs import default as default_config
 from lcmt_jax import experiment
 from lcmt_jax import input_pipeline
@@ -80,20 +82,29 @@ PEAK_TFLOPS = (
 )
 
 
-def forward_flops(width: int, num_classes: int = 10, image_size: int = 32) -> int:
-  """FLOPs (2 per multiply-accumulate) of one image's ConvLarge forward: convs and the dense layer."""
+def forward_flops(width: int, num_classes: int = 10, image_size: int = 32,
+                  model: str = 'convlarge') -> int:
+  """FLOPs (2 per multiply-accumulate) of one image's forward: convs and the dense layer."""
   w, s = width, image_size
-  # (output height = width, kernel size, input channels, output channels), network order.
-  layers = [(s, 3, 3, w), (s, 3, w, w), (s, 3, w, w),
-            (s // 2, 3, w, 2 * w), (s // 2, 3, 2 * w, 2 * w), (s // 2, 3, 2 * w, 2 * w),
-            (s // 4 - 2, 3, 2 * w, 4 * w), (s // 4 - 2, 1, 4 * w, 2 * w),
-            (s // 4 - 2, 1, 2 * w, w), (1, 1, w, num_classes)]
+  if model == 'wrn28_2':
+    # (output side, kernel size, input channels, output channels): stem, then per group a first
+    # block (3x3, 3x3, 1x1 projection) and three blocks of two 3x3 convs.
+    layers = [(s, 3, 3, w // 8)]
+    for group, (c_in, c) in enumerate(((w // 8, w // 4), (w // 4, w // 2), (w // 2, w))):
+      side = s >> group
+      layers += [(side, 3, c_in, c), (side, 3, c, c), (side, 1, c_in, c)] + [(side, 3, c, c)] * 6
+  else:
+    layers = [(s, 3, 3, w), (s, 3, w, w), (s, 3, w, w),
+              (s // 2, 3, w, 2 * w), (s // 2, 3, 2 * w, 2 * w), (s // 2, 3, 2 * w, 2 * w),
+              (s // 4 - 2, 3, 2 * w, 4 * w), (s // 4 - 2, 1, 4 * w, 2 * w),
+              (s // 4 - 2, 1, 2 * w, w)]
+  layers.append((1, 1, w, num_classes))
   return 2 * sum(out * out * k * k * cin * cout for out, k, cin, cout in layers)
 
 
-def step_flops(width: int, images_per_step: int) -> int:
+def step_flops(width: int, images_per_step: int, model: str = 'convlarge') -> int:
   """Student forward + backward (3 forwards) and teacher forward (1) over every image."""
-  return 4 * forward_flops(width) * images_per_step
+  return 4 * forward_flops(width, model=model) * images_per_step
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
@@ -114,7 +125,8 @@ def _matmul_precision(dtype: str):
 
 def jax_setup(args, dtype: str, steps_per_epoch: int):
   """The benchmark's config, step config and a replicated initial state (the CPU profile's too)."""
-  config = default_config.get_config()
+  # WRN-28-2 under the reference's recipe: the same optimiser as ConvLarge's rows.
+  config = (cifar10_wrn.get_config() if args.model == 'wrn28_2' else default_config.get_config())
   config.update(width=args.width, labeled_batch_size=args.labeled_batch,
                 unlabeled_batch_size=args.unlabeled_batch, compute_dtype=dtype.split('-')[0])
   step_config = train_state.StepConfig.from_config(config, steps_per_epoch)
@@ -288,9 +300,9 @@ def print_table(rows: list[Row], args, header: str, load: tuple[float, float]) -
                           and r.images_per_second), None) for kind in ('step', 'epoch')}
   images_per_step = args.labeled_batch + args.unlabeled_batch
   print(f'\n{header}')
-  print(f'width {args.width}, batch {args.labeled_batch}+{args.unlabeled_batch}, '
+  print(f'{args.model}, width {args.width}, batch {args.labeled_batch}+{args.unlabeled_batch}, '
         f'{args.steps} timed steps after {args.warmup} warm-up, '
-        f'{step_flops(args.width, images_per_step) / 1e9:.0f} GFLOP/step (analytic), '
+        f'{step_flops(args.width, images_per_step, args.model) / 1e9:.1f} GFLOP/step (analytic), '
         f'1-min load average {load[0]:.2f} before, {load[1]:.2f} after')
   print(f'{"":24} {"images/s":>10} {"ms/step":>10} {"vs PyTorch":>11} {"MFU":>7}  note')
   for row in rows:
@@ -354,7 +366,7 @@ def main(argv=None) -> list[Row]:
     header += f'  {torch_header}' if torch_header else '  PyTorch rows missing'
   rows.sort(key=lambda row: ' epoch ' in row.name)  # Step rows first; JAX before PyTorch in each.
   if backend != 'cpu':
-    flops = step_flops(args.width, args.labeled_batch + args.unlabeled_batch)
+    flops = step_flops(args.width, args.labeled_batch + args.unlabeled_batch, args.model)
     for row in rows:
       peak = peak_tflops(device_kind, row.dtype)
       if peak and row.seconds_per_step:

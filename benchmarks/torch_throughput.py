@@ -7,7 +7,8 @@ its rows into one table; on its own,
 
 prints each row to stderr as it finishes and writes them all to `--json`.
 
-Rows (`--torch_rows`), each at the full ConvLarge and a 32 + 128 batch unless
+Rows (`--torch_rows`), each at the full ConvLarge (`--model wrn28_2`: WRN-28-2, the port of
+`lcmt_jax.models.WideResNet`) and a 32 + 128 batch unless
 flags say otherwise; every step is `torch_reference.train_step`, which reads
 its losses with `.item()` and so ends each step with a host sync, as the
 reference does:
@@ -102,11 +103,13 @@ def _setup(args, kind: Kind) -> Setup:
   device = _device(args)
   memory_format = torch.channels_last if kind.mixed else torch.contiguous_format
   torch.manual_seed(0)
-  student, teacher = (ref.ConvLarge(width=args.width).to(device, memory_format=memory_format)
+  network = ref.WideResNet if args.model == 'wrn28_2' else ref.ConvLarge
+  student, teacher = (network(width=args.width).to(device, memory_format=memory_format)
                       for _ in range(2))
-  init_images = torch.randn(args.labeled_batch, 3, 32, 32, device=device)
-  ref.data_dependent_init(student, init_images.contiguous(memory_format=memory_format))
-  ref.data_dependent_init(teacher, init_images.contiguous(memory_format=memory_format))
+  if network is ref.ConvLarge:  # WRN starts from its random initialisation.
+    init_images = torch.randn(args.labeled_batch, 3, 32, 32, device=device)
+    ref.data_dependent_init(student, init_images.contiguous(memory_format=memory_format))
+    ref.data_dependent_init(teacher, init_images.contiguous(memory_format=memory_format))
   hparams = ref.HParams()
   optimizer = ref.make_optimizer(student, hparams)
   if kind.compiled:

@@ -8,7 +8,9 @@ the big_vision-style argument of `--config=configs/X.py:ARG`, comma-separated
 - 'labels=N': one of the paper's label counts for the data set (CIFAR-10
   4000 or 2000, SVHN 1000 or 500), with the threshold the reference gives it;
 - 'epochs=N': the whole schedule compressed (or stretched) in proportion
-  (`scale_schedule`).
+  (`scale_schedule`);
+- 'recipe=NAME', in config files that offer several training recipes
+  (configs/cifar10_wrn.py).
 """
 
 from typing import NamedTuple
@@ -27,23 +29,32 @@ class Arguments(NamedTuple):
   variant: str
   labels: int | None  # None: the config file's own label count.
   epochs: int | None  # None: the config file's own schedule.
+  recipe: str | None = None  # One of the config file's recipes; None where it offers none.
 
 
-def parse_arguments(arg: str | None, label_counts: tuple[int, ...] = ()) -> Arguments:
-  """Parses 'improved,labels=2000,epochs=80'; `label_counts` are those the config file offers."""
-  parsed = {'variant': 'faithful', 'labels': None, 'epochs': None}
+def parse_arguments(arg: str | None, label_counts: tuple[int, ...] = (),
+                    recipes: tuple[str, ...] = ()) -> Arguments:
+  """Parses 'improved,labels=2000,epochs=80'; `label_counts` are those the config file offers,
+  `recipes` the names it takes as 'recipe=NAME' (the first is the default)."""
+  parsed = {'variant': 'faithful', 'labels': None, 'epochs': None,
+            'recipe': recipes[0] if recipes else None}
   for token in filter(None, (arg or '').split(',')):
     name, equals, value = token.partition('=')
     if not equals:
       if token not in VARIANTS:
         raise ValueError(f'unknown config argument {token!r}: use one of {VARIANTS}, '
-                         'labels=N or epochs=N, separated by commas')
+                         'labels=N or epochs=N' + (', recipe=NAME' if recipes else '')
+                         + ', separated by commas')
       parsed['variant'] = token
     elif name in ('labels', 'epochs') and value.isdigit() and int(value) > 0:
       parsed[name] = int(value)
+    elif name == 'recipe' and recipes:
+      if value not in recipes:
+        raise ValueError(f'bad config argument {token!r}: recipe is one of {recipes}')
+      parsed['recipe'] = value
     else:
       raise ValueError(f'bad config argument {token!r}: use labels=N or epochs=N with a '
-                       'positive integer N')
+                       'positive integer N' + (f', or recipe= one of {recipes}' if recipes else ''))
   if parsed['labels'] is not None and parsed['labels'] not in label_counts:
     raise ValueError(f'labels={parsed["labels"]} is not offered by this config (offered: '
                      f'{label_counts or "none"}); set --config.labeled_per_class for other counts')
@@ -123,9 +134,11 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
 
   # Model (docs/reference.md "Model").
   config.model = 'convlarge'  # A name in lcmt_jax.models.MODELS.
-  config.width = 128  # Size of the feature vector (ConvLarge: 3.1 M parameters); tests use 8-16.
-  config.dropout_rate = 0.5
-  config.bn_momentum = 0.001  # Of the mean-only BN running mean.
+  # Size of the feature vector (ConvLarge: 3.1 M parameters; wrn28_2: 1.47 M, a multiple
+  # of 8); tests use 8-16.
+  config.width = 128
+  config.dropout_rate = 0.5  # ConvLarge: before blocks 2 and 3; WRN: inside each block.
+  config.bn_momentum = 0.001  # Weight of the batch's statistics in the running ones.
   config.compute_dtype = 'float32'  # 'bfloat16' computes in bf16; params stay float32.
 
   # Method and losses (docs/reference.md "Losses").
@@ -147,8 +160,12 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.nesterov = True
   config.weight_decay = 1e-4
-  config.decay_start = 800.0  # Epoch where the linear decay begins.
-  config.decay_end = 1000.0  # Epoch where the learning rate reaches 0.
+  # 'linear' (the reference): constant until decay_start, then linear to 0 at decay_end;
+  # 'cosine' (FixMatch's, for WRN-28-2): lr * cos(7 pi p / 16) with p going 0 -> 1 from
+  # decay_start to decay_end (lcmt_jax.schedules.cosine_decay_lr).
+  config.lr_schedule = 'linear'
+  config.decay_start = 800.0  # Epoch where the decay begins.
+  config.decay_end = 1000.0  # Epoch where the decay ends (linear: the learning rate is 0).
   config.num_epochs = 1000  # The reference trains until decay_end.
 
   # Quirks of the reference (docs/reference.md "Quirks"), at their faithful values.

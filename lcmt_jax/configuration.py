@@ -83,6 +83,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'momentum': _number_in(0.0, 1.0, high_open=True),
     'nesterov': _BOOL,
     'weight_decay': _number_in(0.0, _INF, high_open=True),
+    'lr_schedule': _one_of(*schedules.LR_SCHEDULES),
     'decay_start': _number_in(0.0, _INF, high_open=True),
     'decay_end': _number_in(0.0, _INF, high_open=True),
     'num_epochs': _int_at_least(1),
@@ -120,8 +121,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                       f'{config.decay_start:g}: the learning rate decays from decay_start to decay_end')
   if config.num_epochs > config.decay_end:
     raise ConfigError(f'config.num_epochs={config.num_epochs} goes past config.decay_end='
-                      f'{config.decay_end:g}, where the learning rate has reached 0: set '
+                      f'{config.decay_end:g}, where the learning-rate decay ends (linear: at 0): set '
                       f'config.decay_end >= num_epochs, or train fewer epochs')
+  if config.model == 'wrn28_2' and config.width % 8:
+    raise ConfigError(f'config.width={config.width} does not suit wrn28_2: its stem has width / 8 '
+                      'channels, so the width must be a multiple of 8 (128 is WRN-28-2)')
   if config.dataset in ('cifar10', 'svhn') and config.image_size != 32:
     raise ConfigError(f'config.image_size={config.image_size} does not apply to {config.dataset}, '
                       'whose images are 32x32: leave it at 32')

@@ -25,11 +25,12 @@ def _on_xla_cpu() -> bool:
   return jax.default_backend() == 'cpu'
 
 
-def conv2d(x: jax.Array, w: jax.Array, padding: str) -> jax.Array:
-  """Stride-1 NHWC x HWIO convolution, 'SAME' or 'VALID'."""
+def conv2d(x: jax.Array, w: jax.Array, padding: str, stride: int = 1) -> jax.Array:
+  """NHWC x HWIO convolution, 'SAME' or 'VALID' as `lax` pads them, `stride` on both axes."""
   if _on_xla_cpu():
-    return kernels.conv2d(x, w, padding)
-  return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_CONV_DIMENSIONS)
+    return kernels.conv2d(x, w, padding, stride)
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                      dimension_numbers=_CONV_DIMENSIONS)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

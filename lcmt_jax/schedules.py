@@ -5,9 +5,13 @@ The reference moves its schedules once per epoch, with epochs counted from 1
 into a continuous one that agrees with it at each epoch's first step.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+# Learning-rate schedules (`config.lr_schedule`): the reference's, and FixMatch's for WRN-28-2.
+LR_SCHEDULES = ('linear', 'cosine')
 # How often the schedules move: once per epoch, as the reference (quirk 2), or every step.
 GRANULARITIES = ('epoch', 'step')
 
@@ -51,3 +55,25 @@ def linear_decay_lr(epoch: jax.Array, base_lr: float, decay_start: float,
     return jnp.full_like(epoch, base_lr)
   decayed = base_lr * (decay_end - epoch) / (decay_end - decay_start)
   return jnp.where(epoch < decay_start, base_lr, jnp.maximum(decayed, 0.0))
+
+
+def cosine_decay_lr(epoch: jax.Array, base_lr: float, decay_start: float,
+                    decay_end: float) -> jax.Array:
+  """`base_lr * cos(7 pi p / 16)`, `p = (epoch - decay_start) / (decay_end - decay_start)`
+  clipped to [0, 1]: FixMatch's cosine decay (Sohn et al. 2020, section 4; its WRN-28-2 runs
+  decay from the first step, `decay_start = 0`), which ends at `cos(7 pi / 16)`, 0.195 of
+  `base_lr`, rather than at 0."""
+  epoch = jnp.asarray(epoch, jnp.float32)
+  if decay_end <= decay_start:
+    return jnp.full_like(epoch, base_lr)
+  progress = jnp.clip((epoch - decay_start) / (decay_end - decay_start), 0.0, 1.0)
+  return base_lr * jnp.cos(7.0 * math.pi / 16.0 * progress)
+
+
+def learning_rate(schedule: str, epoch: jax.Array, base_lr: float, decay_start: float,
+                  decay_end: float) -> jax.Array:
+  """The learning rate of `schedule` (one of `LR_SCHEDULES`) at `epoch`."""
+  if schedule not in LR_SCHEDULES:
+    raise ValueError(f'lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}')
+  decay = linear_decay_lr if schedule == 'linear' else cosine_decay_lr
+  return decay(epoch, base_lr, decay_start, decay_end)

@@ -45,6 +45,7 @@ class StepConfig:
   steps_per_epoch: int
   schedule_granularity: str
   base_learning_rate: float
+  lr_schedule: str  # 'linear' (the reference) | 'cosine'.
   decay_start: float
   decay_end: float
   consistency_weight: float
@@ -65,6 +66,7 @@ class StepConfig:
         steps_per_epoch=steps_per_epoch,
         schedule_granularity=config.schedule_granularity,
         base_learning_rate=float(config.learning_rate),
+        lr_schedule=config.lr_schedule,
         decay_start=float(config.decay_start),
         decay_end=float(config.decay_end),
         consistency_weight=float(config.consistency_weight) if semi_supervised else 0.0,
@@ -85,8 +87,8 @@ class StepConfig:
 
   def learning_rate(self, step: jax.Array) -> jax.Array:
     """The learning rate of optimiser step `step`; also the optax schedule."""
-    return schedules.linear_decay_lr(self.epoch(step), self.base_learning_rate,
-                                     self.decay_start, self.decay_end)
+    return schedules.learning_rate(self.lr_schedule, self.epoch(step), self.base_learning_rate,
+                                   self.decay_start, self.decay_end)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, step_config: StepConfig) -> optax.GradientTransformation:

@@ -21,6 +21,8 @@ from lcmt_jax import input_pipeline
 RESUMABLE_KEYS = frozenset({'data_dir', 'cache_dir', 'num_epochs', 'steps_per_call',
                             'eval_every_epochs', 'eval_batch_size', 'checkpoint_every_epochs',
                             'progress_bar'})
+# Keys added after runs were recorded, with the value that reproduces those runs.
+ADDED_KEYS = {'lr_schedule': 'linear'}
 
 
 class RunNotFoundError(errors.UserInputError):
@@ -74,7 +76,7 @@ def _read_config_json(path: str) -> dict:
   if not isinstance(saved, dict):
     raise errors.UserInputError(f'{path} does not hold a config (a JSON object); put back the '
                                 'config.json of that run, or use a new --workdir')
-  return saved
+  return {**ADDED_KEYS, **saved}
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: str, changed: list[str]) -> None:

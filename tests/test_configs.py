@@ -259,3 +259,68 @@ def test_batch_sizes_must_divide_over_the_devices():
   config.eval_batch_size = 498
   with pytest.raises(configuration.ConfigError, match='eval_batch_size=498 does not divide over 4'):
     configuration.validate(config, num_devices=4)
+
+
+# --- configs/cifar10_wrn.py: WRN-28-2 under the reference's recipe or WRN's usual one ----------
+
+# The recipes of the config's docstring, written out: the reference's (docs/reference.md
+# "Optimiser and schedule") and FixMatch's for WRN-28-2 on CIFAR-10.
+WRN_RECIPES = {
+    'reference': {'learning_rate': 0.05, 'weight_decay': 1e-4, 'weight_decay_params': 'all',
+                  'lr_schedule': 'linear', 'decay_start': 800.0, 'decay_end': 1000.0,
+                  'schedule_granularity': 'epoch'},
+    'wrn': {'learning_rate': 0.03, 'weight_decay': 5e-4, 'weight_decay_params': 'kernels',
+            'lr_schedule': 'cosine', 'decay_start': 0.0, 'decay_end': 1000.0,
+            'schedule_granularity': 'step'},
+}
+WRN_MODEL = {'model': 'wrn28_2', 'width': 128, 'dropout_rate': 0.0, 'bn_momentum': 0.001}
+
+
+@pytest.mark.parametrize('recipe', sorted(WRN_RECIPES))
+def test_cifar10_wrn_recipes(recipe):
+  config = _load('cifar10_wrn', f'recipe={recipe}')
+  for key, value in {**WRN_MODEL, **WRN_RECIPES[recipe], 'momentum': 0.9, 'nesterov': True,
+                     'method': 'mt_lc', 'labeled_per_class': 400, 'num_epochs': 1000}.items():
+    assert config[key] == value, f'recipe={recipe}: config.{key}={config[key]!r}, not {value!r}'
+  configuration.validate(config)
+  # Apart from the model and the recipe's keys, everything is configs/cifar10.py's.
+  reference = _load('cifar10')
+  differs = {k for k in reference.keys() if reference[k] != config[k]}
+  assert differs == {k for k in {**WRN_MODEL, **WRN_RECIPES[recipe]} if reference[k] != config[k]}
+  assert step_lr(config, 0) == pytest.approx(WRN_RECIPES[recipe]['learning_rate'])
+
+
+def step_lr(config, step):
+  return float(train_state.StepConfig.from_config(config, steps_per_epoch=359).learning_rate(step))
+
+
+def test_cifar10_wrn_default_recipe_is_the_reference_and_arguments_combine():
+  assert _load('cifar10_wrn').to_dict() == _load('cifar10_wrn', 'recipe=reference').to_dict()
+  config = _load('cifar10_wrn', 'recipe=wrn,labels=2000,epochs=80,improved')
+  assert (config.labeled_per_class, config.lc_threshold, config.num_epochs) == (200, 40.0, 80)
+  assert (config.decay_start, config.decay_end, config.lr_schedule) == (0.0, 80.0, 'cosine')
+  assert config.teacher_init == 'copy' and config.learning_rate == 0.03
+  configuration.validate(config)
+  # The cosine schedule ends at cos(7 pi / 16) of the base rate.
+  assert step_lr(config, 80 * 359 - 1) == pytest.approx(0.03 * math.cos(7 * math.pi / 16),
+                                                        rel=1e-3)
+
+
+@pytest.mark.parametrize('arg', ['recipe=fixmatch', 'recipe='])
+def test_cifar10_wrn_rejects_an_unknown_recipe(arg):
+  with pytest.raises(ValueError, match='recipe'):
+    _load('cifar10_wrn', arg)
+
+
+def test_recipe_is_refused_by_configs_without_recipes():
+  with pytest.raises(ValueError, match='recipe=wrn'):
+    _load('cifar10', 'recipe=wrn')
+
+
+def test_wrn_width_must_be_a_multiple_of_8():
+  config = _load('cifar10_wrn')
+  config.width = 12
+  with pytest.raises(configuration.ConfigError, match='multiple of 8'):
+    configuration.validate(config)
+  config.model = 'convlarge'  # ConvLarge takes any width.
+  configuration.validate(config)

@@ -52,19 +52,32 @@ def _np_weight(v, g):
   return v * (np.asarray(g, np.float64) / norm)
 
 
-def _np_project(x, w, padding):
+def _np_same_pads(size, k, stride):
+  """TensorFlow's (and `lax`'s) 'SAME': `ceil(size / stride)` outputs, the odd pixel of
+  padding at the end."""
+  total = max((-(-size // stride) - 1) * stride + k - size, 0)
+  return total // 2, total - total // 2
+
+
+def _np_padded(x, kernel_shape, padding, stride):
+  (kh, kw), (_, h, w, _) = kernel_shape, x.shape
+  if padding != 'SAME':
+    return x
+  return np.pad(x, ((0, 0), _np_same_pads(h, kh, stride), _np_same_pads(w, kw, stride), (0, 0)))
+
+
+def _np_project(x, w, padding, stride=1):
   """`xW` for a dense kernel (I, O) or a conv kernel (H, W, I, O) on NHWC input, in float64."""
   x = np.asarray(x, np.float64)
   if w.ndim == 2:
     return x @ w
   kh, kw = w.shape[:2]
-  if padding == 'SAME':
-    x = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  x = _np_padded(x, (kh, kw), padding, stride)
+  out_h, out_w = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
   out = np.zeros((x.shape[0], out_h, out_w, w.shape[-1]))
   for i in range(kh):
     for j in range(kw):
-      out += x[:, i:i + out_h, j:j + out_w, :] @ w[i, j]
+      out += x[:, i:i + stride * out_h:stride, j:j + stride * out_w:stride, :] @ w[i, j]
   return out
 
 
@@ -323,37 +336,45 @@ def test_bfloat16_model_keeps_float32_params_and_close_logits(ddi_variables, ima
   assert not np.array_equal(bf16, fp32)  # It really computed in bfloat16.
 
 
-def _np_conv_gradients(x, w, padding, out_grad):
-  """Input and kernel gradients of `sum(_np_project(x, w) * out_grad)`, in float64."""
+def _np_conv_gradients(x, w, padding, out_grad, stride=1):
+  """Input and kernel gradients of `sum(_np_project(x, w, padding, stride) * out_grad)`, in
+  float64."""
   x, w, out_grad = (np.asarray(a, np.float64) for a in (x, w, out_grad))
   kh, kw = w.shape[:2]
-  pad = ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)) if padding == 'SAME' else None
-  padded = np.pad(x, pad) if pad else x
+  padded = _np_padded(x, (kh, kw), padding, stride)
   out_h, out_w = out_grad.shape[1:3]
   dx, dw = np.zeros_like(padded), np.zeros_like(w)
   for i in range(kh):
     for j in range(kw):
-      window = padded[:, i:i + out_h, j:j + out_w, :]
-      dw[i, j] = np.einsum('nhwi,nhwo->io', window, out_grad)
-      dx[:, i:i + out_h, j:j + out_w, :] += out_grad @ w[i, j].T
-  if pad:
-    dx = dx[:, kh // 2:dx.shape[1] - kh // 2, kw // 2:dx.shape[2] - kw // 2]
+      rows, cols = slice(i, i + stride * out_h, stride), slice(j, j + stride * out_w, stride)
+      dw[i, j] = np.einsum('nhwi,nhwo->io', padded[:, rows, cols, :], out_grad)
+      dx[:, rows, cols, :] += out_grad @ w[i, j].T
+  if padding == 'SAME':
+    top, left = _np_same_pads(x.shape[1], kh, stride)[0], _np_same_pads(x.shape[2], kw, stride)[0]
+    dx = dx[:, top:top + x.shape[1], left:left + x.shape[2]]
   return dx, dw
 
 
-@pytest.mark.parametrize('kernel_size, padding, shape',
-                         [((3, 3), 'SAME', (3, 6, 5, 4)), ((3, 3), 'VALID', (3, 6, 5, 4)),
-                          ((1, 1), 'SAME', (2, 4, 4, 3))],
-                         ids=['3x3_same', '3x3_valid', '1x1'])
-def test_conv2d_values_and_gradients_match_numpy(kernel_size, padding, shape):
+# (kernel size, padding, stride, input shape): ConvLarge's convs and WRN's strided ones; lax pads
+# a 3x3 stride-2 SAME conv (0, 1) on an even input, (1, 1) on an odd one, and a 1x1 at stride 2
+# never reads the last row or column of an even input.
+CONV_CASES = [((3, 3), 'SAME', 1, (3, 6, 5, 4)), ((3, 3), 'VALID', 1, (3, 6, 5, 4)),
+              ((1, 1), 'SAME', 1, (2, 4, 4, 3)), ((3, 3), 'SAME', 2, (2, 6, 8, 3)),
+              ((3, 3), 'SAME', 2, (2, 7, 5, 3)), ((1, 1), 'SAME', 2, (2, 6, 7, 3))]
+CONV_IDS = ['3x3_same', '3x3_valid', '1x1', '3x3_same_stride2', '3x3_same_stride2_odd',
+            '1x1_stride2']
+
+
+@pytest.mark.parametrize('kernel_size, padding, stride, shape', CONV_CASES, ids=CONV_IDS)
+def test_conv2d_values_and_gradients_match_numpy(kernel_size, padding, stride, shape):
   rng = np.random.default_rng(7)
   x = rng.normal(size=shape).astype(np.float32)
   w = rng.normal(size=(*kernel_size, shape[-1], 5)).astype(np.float32)
-  out, vjp = jax.vjp(lambda a, b: kernels.conv2d(a, b, padding), x, w)
+  out, vjp = jax.vjp(lambda a, b: kernels.conv2d(a, b, padding, stride), x, w)
   out_grad = rng.normal(size=out.shape).astype(np.float32)
   dx, dw = vjp(out_grad)
-  np_dx, np_dw = _np_conv_gradients(x, w, padding, out_grad)
-  np.testing.assert_allclose(out, _np_project(x, w, padding), rtol=1e-5, atol=1e-5)
+  np_dx, np_dw = _np_conv_gradients(x, w, padding, out_grad, stride)
+  np.testing.assert_allclose(out, _np_project(x, w, padding, stride), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, np_dx, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dw, np_dw, rtol=1e-5, atol=1e-5)
 
@@ -451,12 +472,14 @@ def test_ops_give_the_kernels_values_and_gradients_on_every_backend(monkeypatch,
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   rng = np.random.default_rng(11)
   x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
-  w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
-  out, vjp = jax.vjp(lambda a, b: ops.conv2d(a, b, 'SAME'), x, w)
-  out_grad = rng.normal(size=out.shape).astype(np.float32)
-  np_dx, np_dw = _np_conv_gradients(x, w, 'SAME', out_grad)
-  for got, want in ((out, _np_project(x, w, 'SAME')), *zip(vjp(out_grad), (np_dx, np_dw))):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for kernel_size, stride in (((3, 3), 1), ((3, 3), 2), ((1, 1), 2)):
+    w = rng.normal(size=(*kernel_size, 3, 4)).astype(np.float32)
+    out, vjp = jax.vjp(lambda a, b, stride=stride: ops.conv2d(a, b, 'SAME', stride), x, w)
+    out_grad = rng.normal(size=out.shape).astype(np.float32)
+    np_dx, np_dw = _np_conv_gradients(x, w, 'SAME', out_grad, stride)
+    for got, want in ((out, _np_project(x, w, 'SAME', stride)),
+                      *zip(vjp(out_grad), (np_dx, np_dw))):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f'{kernel_size} {stride}')
   pooled = np.random.default_rng(3).integers(0, 3, (2, 4, 6, 3)).astype(np.float32)  # Ties.
   out, vjp = jax.vjp(ops.max_pool_2x2, pooled)
   out_grad = rng.normal(size=out.shape).astype(np.float32)

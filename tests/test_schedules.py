@@ -190,3 +190,47 @@ def test_validate_rejects_training_past_decay_end():
   config.num_epochs, config.decay_end = 6, 6.0  # At the edge: allowed.
   config.decay_start = 3.0
   configuration.validate(config)
+
+
+# --- The cosine schedule (config.lr_schedule='cosine', configs/cifar10_wrn.py:recipe=wrn) -------
+
+
+def test_cosine_decay_lr_hand_computed():
+  """FixMatch's `lr cos(7 pi p / 16)` over epochs [0, 16], written out: cos(0) = 1,
+  cos(7 pi / 64) = 0.94154, cos(7 pi / 32) = 0.77301, cos(7 pi / 16) = 0.19509; held
+  outside the decay."""
+  epochs = jnp.asarray([-1.0, 0.0, 4.0, 8.0, 16.0, 17.0])
+  got = np.asarray(schedules.cosine_decay_lr(epochs, 0.03, 0.0, 16.0))
+  expected = 0.03 * np.array([1.0, 1.0, 0.941544, 0.773010, 0.195090, 0.195090])
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # decay_end <= decay_start: no decay, as the linear schedule.
+  np.testing.assert_allclose(schedules.cosine_decay_lr(epochs, 0.03, 5.0, 5.0), 0.03)
+
+
+def test_learning_rate_dispatches_on_the_schedule_name():
+  epoch = jnp.float32(8.0)
+  assert float(schedules.learning_rate('cosine', epoch, 0.03, 0.0, 16.0)) == pytest.approx(
+      0.03 * 0.773010, rel=1e-5)
+  assert float(schedules.learning_rate('linear', epoch, 0.03, 0.0, 16.0)) == pytest.approx(0.015)
+  with pytest.raises(ValueError, match='lr schedule'):
+    schedules.learning_rate('step', epoch, 0.03, 0.0, 16.0)
+
+
+def test_step_config_follows_the_cosine_schedule_every_step():
+  """Per step over 2 epochs of 4 steps from epoch 1 (the first step) to 3 (after the last)."""
+  config = _lr_config('step')
+  config.update(lr_schedule='cosine', learning_rate=0.03, decay_start=1.0, decay_end=3.0,
+                num_epochs=2)
+  configuration.validate(config)
+  step_config = train_state.StepConfig.from_config(config, 4)
+  got = np.asarray(jax.vmap(step_config.learning_rate)(jnp.arange(8)))
+  # Step s is at epoch 1 + s / 4, so p = s / 8.
+  expected = [0.03 * math.cos(7 * math.pi / 16 * s / 8) for s in range(8)]
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_validate_rejects_an_unknown_lr_schedule():
+  config = quickstart.get_config()
+  config.lr_schedule = 'exponential'
+  with pytest.raises(configuration.ConfigError, match="lr_schedule='exponential'"):
+    configuration.validate(config)

@@ -37,6 +37,7 @@ def _config(**overrides):
       'method': 'mt_lc',
       'schedule_granularity': 'epoch',
       'learning_rate': 0.02,
+      'lr_schedule': 'linear',
       'decay_start': 2,
       'decay_end': 5,
       'consistency_weight': 100.0,

@@ -25,11 +25,13 @@ import jax.numpy as jnp
 
 from lcmt_jax.models.convlarge import ConvLarge
 from lcmt_jax.models.convlarge import WeightNormMeanOnlyBN
+from lcmt_jax.models.wide_resnet import WideResNet
 
 FEATURES = 'features'
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'convlarge': ConvLarge,
+    'wrn28_2': WideResNet,
 }
 
 
@@ -84,4 +86,5 @@ def apply_with_features(apply_fn: Callable, variables: dict, images: jax.Array, 
 
 
 __all__ = ['FEATURES', 'MODELS', 'ConvLarge', 'WeightNormMeanOnlyBN', 'apply_with_features',
-           'create_model', 'data_dependent_init', 'init_variables', 'initialize']
+           'WideResNet', 'create_model', 'data_dependent_init', 'init_variables',
+           'initialize']

@@ -12,6 +12,9 @@ Images are NCHW float tensors, already normalised. Typical use:
     model = ConvLarge(width=16, dropout_rate=0.0)
     model.load_state_dict(load_numpy_state_dict(arrays))
     features, logits = model(images_from_nhwc(x))
+
+It also defines WRN-28-2 (`WideResNet`, the oracle of `lcmt_jax.models.WideResNet`)
+and `wide_resnet_state_dict`, which carries a Flax WRN's variables over to it.
 """
 
 import contextlib
@@ -114,6 +117,116 @@ class ConvLarge(nn.Module):
   def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     features = self.conv_blocks(x).mean(dim=(2, 3))
     return features, self.fc(features)
+
+
+# --- WRN-28-2 (lcmt_jax/models/wide_resnet.py) ----------------------------------------------
+
+_WRN_BN_EPSILON = 1e-3
+_WRN_SLOPE = 0.1
+
+
+class SameConv2d(nn.Conv2d):
+  """A bias-free conv padded as TensorFlow's (and `lax`'s) 'SAME': `ceil(n / stride)` outputs,
+  the odd pixel of padding at the bottom and right (a stride-2 3x3 conv on an even input
+  pads (0, 1), where PyTorch's `padding=1` would pad (1, 1))."""
+
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+    super().__init__(in_channels, out_channels, kernel_size, stride, bias=False)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    pads = []
+    for size in (x.shape[3], x.shape[2]):  # F.pad lists the last dimension first.
+      k, s = self.kernel_size[0], self.stride[0]
+      total = max((-(-size // s) - 1) * s + k - size, 0)
+      pads += [total // 2, total - total // 2]
+    return super().forward(F.pad(x, pads))
+
+
+class WideResidualBlock(nn.Module):
+  """`x + conv2(act(bn2(conv1(act(bn1(x))))))`; the shortcut is projected by a 1x1 conv where
+  the shape changes and takes `act(bn1(x))` instead of `x` when `activate_before_residual`."""
+
+  def __init__(self, in_channels: int, out_channels: int, stride: int,
+               activate_before_residual: bool, dropout_rate: float, bn_momentum: float):
+    super().__init__()
+    norm = lambda c: nn.BatchNorm2d(c, eps=_WRN_BN_EPSILON, momentum=bn_momentum)  # pylint: disable=unnecessary-lambda-assignment
+    self.bn1, self.conv1 = norm(in_channels), SameConv2d(in_channels, out_channels, 3, stride)
+    self.bn2, self.conv2 = norm(out_channels), SameConv2d(out_channels, out_channels, 3)
+    self.dropout = nn.Dropout(dropout_rate)
+    self.shortcut = (SameConv2d(in_channels, out_channels, 1, stride)
+                     if in_channels != out_channels or stride != 1 else None)
+    self.activate_before_residual = activate_before_residual
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    activated = F.leaky_relu(self.bn1(x), _WRN_SLOPE)
+    shortcut = activated if self.activate_before_residual else x
+    h = F.leaky_relu(self.bn2(self.conv1(activated)), _WRN_SLOPE)
+    h = self.conv2(self.dropout(h))
+    return (self.shortcut(shortcut) if self.shortcut is not None else shortcut) + h
+
+
+class WideResNet(nn.Module):
+  """WRN-28-2 as `lcmt_jax.models.WideResNet` defines it; `forward` returns `(features, logits)`.
+
+  Submodule names follow the Flax module's (`stem`, `group1_block1.bn1`, ...,
+  `bn_final`, `dense`), which `wide_resnet_state_dict` relies on. PyTorch's
+  `momentum` is the weight of the new batch statistic, the config's
+  `bn_momentum` (0.001). PyTorch (like TensorFlow) moves the running variance
+  by the unbiased batch variance, Flax by the biased one.
+  """
+
+  def __init__(self, num_classes: int = 10, width: int = 128, dropout_rate: float = 0.0,
+               bn_momentum: float = 0.001):
+    super().__init__()
+    self.stem = SameConv2d(3, width // 8, 3)
+    channels = width // 8
+    for group, features in enumerate((width // 4, width // 2, width)):
+      for i in range(4):
+        self.add_module(f'group{group + 1}_block{i + 1}', WideResidualBlock(
+            channels, features, stride=2 if group and not i else 1,
+            activate_before_residual=not (group or i), dropout_rate=dropout_rate,
+            bn_momentum=bn_momentum))
+        channels = features
+    self.bn_final = nn.BatchNorm2d(width, eps=_WRN_BN_EPSILON, momentum=bn_momentum)
+    self.dense = nn.Linear(width, num_classes)
+
+  def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = self.stem(x)
+    for group in range(1, 4):
+      for i in range(1, 5):
+        h = getattr(self, f'group{group}_block{i}')(h)
+    features = F.leaky_relu(self.bn_final(h), _WRN_SLOPE).mean(dim=(2, 3))
+    return features, self.dense(features)
+
+
+# Flax leaf name -> (PyTorch name, NumPy transpose of the Flax array into PyTorch's layout).
+_WRN_LEAVES = {'kernel': ('weight', (3, 2, 0, 1)), 'scale': ('weight', None),
+               'bias': ('bias', None), 'mean': ('running_mean', None), 'var': ('running_var', None)}
+
+
+def wide_resnet_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
+  """A `lcmt_jax.models.WideResNet`'s `{'params', 'batch_stats'}` as a `WideResNet` state dict
+  (NumPy arrays; `load_numpy_state_dict` makes them tensors). PyTorch BN's
+  `num_batches_tracked` counters are left out (load with `strict=False`)."""
+  out = {}
+  for collection in ('params', 'batch_stats'):
+    for path, leaf in _flatten(variables[collection]):
+      torch_name, axes = _WRN_LEAVES[path[-1]]
+      leaf = np.asarray(leaf, np.float32)
+      if path[0] == 'dense' and path[-1] == 'kernel':
+        leaf, axes = leaf.T, None  # (in, out) -> (out, in).
+      out['.'.join((*path[:-1], torch_name))] = leaf.transpose(axes) if axes else leaf
+  return out
+
+
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+  items = []
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      items += _flatten(value, (*prefix, key))
+    else:
+      items.append(((*prefix, key), value))
+  return items
 
 
 def weight_norm_layers(model: nn.Module) -> list[WeightNormMeanOnlyBN]:

@@ -14,18 +14,23 @@ import jax.numpy as jnp
 _CONV_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _conv_padding(padding: str, kernel_size: tuple[int, ...]) -> list[tuple[int, int]]:
-  """`lax`'s explicit padding of a stride-1 'SAME' or 'VALID' convolution."""
-  if padding == 'SAME':
-    return [((k - 1) // 2, k // 2) for k in kernel_size]
-  if padding == 'VALID':
-    return [(0, 0)] * len(kernel_size)
-  raise ValueError(f'padding must be SAME or VALID, got {padding!r}')
+def _conv_padding(padding: str, in_size: tuple[int, ...], kernel_size: tuple[int, ...],
+                  stride: int) -> list[tuple[int, int]]:
+  """`lax`'s explicit padding of a 'SAME' or 'VALID' convolution.
+
+  At stride 1 'SAME' pads `((k - 1) // 2, k // 2)`; at stride 2 on an even
+  input it pads `(0, 1)` for a 3x3 kernel (TensorFlow's convention, which
+  `lax` and the TensorFlow WRN code share) and nothing for a 1x1 one.
+  """
+  if padding not in ('SAME', 'VALID'):
+    raise ValueError(f'padding must be SAME or VALID, got {padding!r}')
+  return jax.lax.padtype_to_pads(in_size, kernel_size, (stride,) * len(kernel_size), padding)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d(x: jax.Array, w: jax.Array, padding: str) -> jax.Array:
-  """Stride-1 NHWC x HWIO convolution whose gradients XLA:CPU runs as Eigen convolutions.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jax.Array, w: jax.Array, padding: str, stride: int = 1) -> jax.Array:
+  """NHWC x HWIO convolution (same stride on both axes) whose gradients XLA:CPU runs as Eigen
+  convolutions.
 
   The values and gradients are those of `lax.conv_general_dilated` (the same
   three convolutions JAX's own transpose rules produce), but the kernel
@@ -35,30 +40,39 @@ def conv2d(x: jax.Array, w: jax.Array, padding: str) -> jax.Array:
   gives a convolution with permuted dimension labels, which XLA:CPU's
   canonicalisation rewrites into this form in a plain jitted call but not in a
   loop body: inside `lax.scan` it fell back to XLA's naive convolution loop,
-  about 100 times slower (BENCHMARKS.md, "XLA:CPU").
+  about 100 times slower (BENCHMARKS.md, "XLA:CPU"). At stride `s` the kernel
+  gradient is that convolution with the output gradient dilated by `s` (rhs
+  dilation), and the input gradient the transposed convolution: the output
+  gradient dilated by `s` (lhs dilation) convolved with the flipped kernel.
   """
-  return jax.lax.conv_general_dilated(x, w, (1, 1), _conv_padding(padding, w.shape[:2]),
+  pads = _conv_padding(padding, x.shape[1:3], w.shape[:2], stride)
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
                                       dimension_numbers=_CONV_DIMENSIONS)
 
 
-def _conv2d_fwd(x, w, padding):
-  return conv2d(x, w, padding), (x, w)
+def _conv2d_fwd(x, w, padding, stride):
+  return conv2d(x, w, padding, stride), (x, w)
 
 
-def _conv2d_bwd(padding, residuals, g):
+def _conv2d_bwd(padding, stride, residuals, g):
   x, w = residuals
-  kernel_size = w.shape[:2]
-  pads = _conv_padding(padding, kernel_size)
+  in_size, kernel_size, out_size = x.shape[1:3], w.shape[:2], g.shape[1:3]
+  pads = _conv_padding(padding, in_size, kernel_size, stride)
+  # The last input row a window reads, minus the last row of the dilated output gradient,
+  # per axis: rows past it (a strided window's unused tail) get no gradient.
+  tails = [n + lo - (o - 1) * stride - 1 for n, (lo, _), o in zip(in_size, pads, out_size)]
   with jax.named_scope('input_grad'):
     # The kernel flipped in space, input and output channels swapped.
     flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
     dx = jax.lax.conv_general_dilated(
-        g, flipped, (1, 1), [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_size, pads)],
-        dimension_numbers=_CONV_DIMENSIONS)
+        g, flipped, (1, 1), [(k - 1 - lo, tail) for k, (lo, _), tail in
+                             zip(kernel_size, pads, tails)],
+        lhs_dilation=(stride, stride), dimension_numbers=_CONV_DIMENSIONS)
   with jax.named_scope('kernel_grad'):
     dw = jax.lax.conv_general_dilated(
-        x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), pads,
-        dimension_numbers=_CONV_DIMENSIONS)  # [C_in, kh, kw, C_out]
+        x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
+        [(lo, k - 1 - tail) for k, (lo, _), tail in zip(kernel_size, pads, tails)],
+        rhs_dilation=(stride, stride), dimension_numbers=_CONV_DIMENSIONS)  # [C_in, kh, kw, C_out]
   return dx, dw.transpose(1, 2, 0, 3)
 
 
