@@ -154,6 +154,15 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
   # unlabelled batch's pairwise feature distances, a T that follows the features'
   # scale across widths; 0 keeps the fixed lc_threshold.
   config.lc_threshold_quantile = 0.0
+  # Not in the reference, off by default ('raw', 'student' are the reference's LC):
+  # 'normalized' computes LC on each feature vector scaled to unit length (times sqrt(width)),
+  # so a pair's distance is that of unit vectors, in [0, 4], and T (fixed, or the batch
+  # quantile) lives on that scale, which the network cannot shrink; 'raw' uses them as they are.
+  config.lc_features = 'raw'
+  # 'teacher' pulls each student feature toward the teacher's (constant) features of its
+  # neighbours: pairs (student f_i, teacher f_j), the mask from their distances;
+  # 'student' pairs the student's features among themselves.
+  config.lc_pull = 'student'
 
   # Optimiser (docs/reference.md "Optimiser and schedule").
   config.learning_rate = 0.05

@@ -10,6 +10,7 @@ import ml_collections
 
 from lcmt_jax import data_sources
 from lcmt_jax import errors
+from lcmt_jax import losses
 from lcmt_jax import models
 from lcmt_jax import schedules
 from lcmt_jax import train_state
@@ -79,6 +80,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'lc_rampup': _number_in(0.0, _INF, high_open=True),
     'lc_threshold': _number_in(0.0, _INF, low_open=True, high_open=True),
     'lc_threshold_quantile': _number_in(0.0, 1.0, high_open=True),
+    'lc_features': _one_of(*losses.LC_FEATURES),
+    'lc_pull': _one_of(*losses.LC_PULLS),
     'learning_rate': _number_in(0.0, _INF, low_open=True, high_open=True),
     'momentum': _number_in(0.0, 1.0, high_open=True),
     'nesterov': _BOOL,

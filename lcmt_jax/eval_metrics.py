@@ -1,12 +1,15 @@
-"""Scores of an evaluation: accuracies, confusion matrices, the feature distances' scale.
+"""Scores of an evaluation: accuracies, confusion matrices, the feature distances' scale,
+the purity of the local-clustering threshold's pairs.
 
 The training loop scores each evaluation with `evaluate_splits`;
 `lcmt_jax.evaluate` reports confusion matrices and per-class accuracy.
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lcmt_jax import input_pipeline
@@ -24,36 +27,73 @@ def accuracies(predictions: dict[str, jax.Array], labels: np.ndarray) -> dict[st
 
 
 def evaluate_splits(predict_fn: Callable, state: train_state.TrainState,
-                    data: dict[str, jax.Array],
-                    split: input_pipeline.SplitData) -> dict[str, float]:
+                    data: dict[str, jax.Array], split: input_pipeline.SplitData,
+                    step_config: train_state.StepConfig | None = None) -> dict[str, float]:
   """Student and teacher accuracy on the test set and, when there is one, the validation set.
 
-  Also the quantiles of the student's pairwise feature distances (eval mode)
-  on the validation set, or on the test set where there is none: the scale
-  that the local-clustering threshold is set against.
+  Also, on the validation set or on the test set where there is none, the
+  quantiles of the student's pairwise feature distances (eval mode), the
+  scale that the local-clustering threshold is set against, and, for a
+  method with a threshold (`step_config` of 'mt_lc' or 'mt'), `pair_purity`.
   """
-  result, distances = {}, {}
+  result, diagnostics = {}, {}
   for name in SPLITS:
     labels = getattr(split, f'{name}_labels')
     if len(labels):
       predictions = predict_fn(state, data[f'{name}_images'])
       for key, value in accuracies(predictions, labels).items():
         result[f'{name}/{key}'] = value
-      quantiles = jax.device_get(_distance_quantiles(predictions['student_features']))
-      distances = {f'{name}/student_distance_q{round(100 * q):02d}': float(value)
-                   for q, value in zip(losses.DISTANCE_QUANTILES, quantiles)}
-  return {**result, **distances}  # The validation set's distances, when there is one.
+      features = predictions['student_features']
+      quantiles = jax.device_get(_distance_quantiles(features))
+      diagnostics = {f'{name}/student_distance_q{round(100 * q):02d}': float(value)
+                     for q, value in zip(losses.DISTANCE_QUANTILES, quantiles)}
+      if step_config is not None and step_config.use_unlabeled:
+        purity = jax.device_get(pair_purity(features, data[f'{name}_labels'],
+                                            step_config=step_config))
+        diagnostics.update({f'{name}/student_{key}': float(value)
+                            for key, value in purity.items()})
+  return {**result, **diagnostics}  # The validation set's, when there is one.
 
 
 _distance_quantiles = jax.jit(losses.distance_quantiles)
 
 
+@functools.partial(jax.jit, static_argnames=('step_config', 'max_rows'))
+def pair_purity(features: jax.Array, labels: jax.Array, *, step_config: train_state.StepConfig,
+                max_rows: int = 1000) -> dict[str, jax.Array]:
+  """The LC threshold's pairs among eval-mode features: `{'pair_threshold', 'pairs_within',
+  'pair_purity', 'pair_base_rate'}` over the distinct pairs of (at most `max_rows`) images.
+
+  As the training step's diagnostic (`train_state.lc_diagnostics`), on held-out
+  images: the features as the config's `lc_features` makes them, `T` fixed or
+  the configured quantile of these pairs' distances; the pairs `i == j` are
+  left out. `lc_pull='teacher'` is measured on the student's features alone.
+  Rows are taken by `losses.strided_rows`, as `distance_quantiles` takes them.
+  """
+  features = losses.strided_rows(features, max_rows)
+  labels = losses.strided_rows(labels, max_rows)
+  if step_config.lc_features == 'normalized':
+    features = losses.unit_scaled(features)
+  distances = losses.pairwise_mean_squared_distances(features, features)
+  threshold = jnp.asarray(step_config.lc_threshold, jnp.float32)
+  if step_config.lc_threshold_quantile:
+    threshold = losses.batch_threshold(distances, step_config.lc_threshold_quantile)
+  within = losses.within_threshold(distances, threshold)
+  purity, base_rate = losses.pair_purity(within, labels, labels, exclude_diagonal=True)
+  n = features.shape[0]
+  return {'pair_threshold': threshold,
+          'pairs_within': (jnp.sum(within) - jnp.trace(within)) / (n * (n - 1)),
+          'pair_purity': purity, 'pair_base_rate': base_rate}
+
+
 def format_evaluation(epoch: int, evaluation: dict[str, float]) -> str:
-  """One line: every error in percent and the median feature distance."""
+  """One line: every error in percent, the median feature distance, the pair purity."""
   parts = [f'{k.replace("_accuracy", "")} error {100 * (1 - v):.2f}%'
            for k, v in evaluation.items() if k.endswith('_accuracy')]
   parts += [f'{k.replace("_q50", "")} median {v:.3g}' for k, v in evaluation.items()
             if k.endswith('distance_q50')]
+  parts += [f'{k} {v:.3f} (base rate {evaluation[k.replace("purity", "base_rate")]:.3f})'
+            for k, v in evaluation.items() if k.endswith('pair_purity')]
   return f'epoch {epoch}: ' + ', '.join(parts)
 
 

@@ -44,7 +44,7 @@ class Experiment:
 
   `state` is freshly initialised: a new run's start, and the target a
   checkpoint is restored into (it fixes structure, dtypes and shardings).
-  `train_fn(state, data, data_key, num_steps=N) -> (state, metrics)` donates
+  `train_fn(state, data, data_key, num_steps=N, lc_active=B) -> (state, metrics)` donates
   its state; `predict_fn(state, images)` returns predictions and features.
   """
 
@@ -109,11 +109,11 @@ def put_data_on_device(split: input_pipeline.SplitData, mesh: Mesh) -> dict[str,
 
   Each process copies its host's arrays to its own devices, so this works
   for a mesh spanning several processes as well as for one. The unlabelled
-  images' labels serve the training diagnostics only (`train_state`).
+  images' labels serve the training diagnostics only (`train_state.lc_diagnostics`).
   """
   arrays = {
       'labeled_images': split.labeled_images, 'labeled_labels': split.labeled_labels,
-      'unlabeled_images': split.unlabeled_images,
+      'unlabeled_images': split.unlabeled_images, 'unlabeled_labels': split.unlabeled_labels,
       'test_images': split.test_images, 'test_labels': split.test_labels,
       'validation_images': split.validation_images,
       'validation_labels': split.validation_labels,
@@ -163,8 +163,11 @@ def build_state(config: ml_collections.ConfigDict, info: input_pipeline.DatasetI
 def run_steps(state: train_state.TrainState, data: dict[str, jax.Array], data_key: jax.Array, *,
               num_steps: int, step_config: train_state.StepConfig,
               info: input_pipeline.DatasetInfo, labeled_batch_size: int,
-              unlabeled_batch_size: int, batch_sharding: NamedSharding):
+              unlabeled_batch_size: int, batch_sharding: NamedSharding, lc_active: bool = True):
   """`num_steps` training steps in one `lax.scan`; returns the state and per-step metrics.
+
+  `lc_active` (static; `train_state.lc_active_in`) False compiles the steps
+  without the local-clustering term, for the calls before `lc_start`.
 
   Batches are a pure function of `data_key` and the global step, so a resumed
   run sees exactly the batches an uninterrupted one would. The loaders'
@@ -184,7 +187,7 @@ def run_steps(state: train_state.TrainState, data: dict[str, jax.Array], data_ke
       batch = input_pipeline.sample_batch(data_key, state.step, data, info, labeled_batch_size,
                                           unlabeled_batch_size, orders)
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    return train_state.train_step(state, batch, step_config)
+    return train_state.train_step(state, batch, step_config, lc_active)
 
   if num_steps == 1:  # A loop of one step would only add the loop.
     state, metrics = one_step(state, None)
@@ -214,12 +217,14 @@ def predict(state: train_state.TrainState, images: jax.Array, *, batch_size: int
 
 def make_train_fn(config: ml_collections.ConfigDict, step_config: train_state.StepConfig,
                   info: input_pipeline.DatasetInfo, mesh: Mesh) -> Callable:
-  """`run_steps` compiled for `mesh`: `fn(state, data, data_key, num_steps=N) -> (state, metrics)`.
+  """`run_steps` compiled for `mesh`: `fn(state, data, data_key, num_steps=N, lc_active=B)
+  -> (state, metrics)`, one program per `(N, B)`.
 
   The state is donated; batches are sharded over the mesh, the rest replicated.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
-  return cached_jit(run_steps, out_shardings=(replicated, replicated), static_argnames='num_steps',
+  return cached_jit(run_steps, out_shardings=(replicated, replicated),
+              static_argnames=('num_steps', 'lc_active'),
               donate_argnums=0, step_config=step_config, info=info,
               labeled_batch_size=config.labeled_batch_size,
               unlabeled_batch_size=config.unlabeled_batch_size,

@@ -306,7 +306,10 @@ def sample_batch(
   """The training batch of step `step`: two independent augmented views per image.
 
   `data` holds the on-device uint8 'labeled_images', 'labeled_labels' and
-  'unlabeled_images'. Pure in `(key, step)`, so it can run inside a jitted
+  'unlabeled_images', and may hold 'unlabeled_labels': the batch then carries
+  the true labels of its unlabelled images, which serve the training
+  diagnostics only (`train_state.lc_diagnostics`), never the loss. Pure in
+  `(key, step)`, so it can run inside a jitted
   `lax.scan` over steps; `orders`, from `shuffles` with the same key and an
   epoch range that holds `step`, only saves drawing the step's shuffles again.
   """
@@ -320,10 +323,13 @@ def sample_batch(
   labeled = data['labeled_images'][labeled_idx]
   unlabeled = data['unlabeled_images'][unlabeled_idx]
   keys = jax.random.split(jax.random.fold_in(jax.random.split(key)[1], step), 4)
-  return {
+  batch = {
       'labeled_student': augment(keys[0], labeled, info),
       'labeled_teacher': augment(keys[1], labeled, info),
       'labels': data['labeled_labels'][labeled_idx].astype(jnp.int32),
       'unlabeled_student': augment(keys[2], unlabeled, info),
       'unlabeled_teacher': augment(keys[3], unlabeled, info),
   }
+  if 'unlabeled_labels' in data:
+    batch['unlabeled_labels'] = data['unlabeled_labels'][unlabeled_idx].astype(jnp.int32)
+  return batch

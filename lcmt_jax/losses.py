@@ -4,8 +4,11 @@ All are pure functions of arrays and run under `jit`; they compute in float32
 whatever the network's compute dtype.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -33,31 +36,101 @@ def consistency_loss(student_labeled: jax.Array, teacher_labeled: jax.Array,
           + n_u * softmax_mse_loss(student_unlabeled, teacher_unlabeled)) / (n_l + n_u)
 
 
-def pairwise_mean_squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
-  """`d[i, j] = mean_k (a[i, k] - b[j, k])^2` for all pairs, as one Gram-matrix kernel.
+# The floor of a batch-quantile threshold. T = 0 makes the loss's exp(-d / T) 0/0 (NaN) at
+# the pairs with d = 0. The smallest normal float32 keeps T > 0 on every backend (GPUs flush
+# subnormals to zero, which would bring T = 0 back) and 1 / T finite (8.5e37), so the
+# gradient holds no inf * 0; it lies below every positive distance the features resolve,
+# so it changes T only where the quantile itself is 0 (that share of pairs equal).
+MIN_THRESHOLD = float(np.finfo(np.float32).tiny)
 
-  The expansion `|a|^2 + |b|^2 - 2 a.b` needs O(N M) memory instead of the
-  O(N M K) of broadcasting; the matmul runs at full float32 precision (no TF32)
-  because the distances are compared against a threshold.
+# How the LC term sees the features (docs/reference.md "Losses" is 'raw' / 'student').
+LC_FEATURES = ('raw', 'normalized')
+LC_PULLS = ('student', 'teacher')
+
+
+def pairwise_mean_squared_distances(a: jax.Array, b: jax.Array,
+                                    max_elements: int = 2**24) -> jax.Array:
+  """`d[i, j] = mean_k (a[i, k] - b[j, k])^2` for all pairs, from the differences themselves.
+
+  The Gram expansion `|a|^2 + |b|^2 - 2 a.b` cancels where `a[i]` and `b[j]`
+  nearly coincide and rounds their distance to 0 or below: when the features
+  collapse, most of a batch's distances were exactly 0, and so was its
+  quantile threshold. Differences are exact to one rounding, so `d` is 0 only
+  for equal rows, and `d_ii` of `a` against itself is exactly 0. The work and
+  memory are O(N M K): one vectorised block for a training batch (128 x 128 x
+  128 floats, 8 MiB), blocks of rows of `a` of at most `max_elements`
+  differences for the large evaluation sets.
   """
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
-  gram = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
-  squared = jnp.sum(a**2, axis=1)[:, None] + jnp.sum(b**2, axis=1)[None, :] - 2.0 * gram
-  # Rounding can leave tiny negatives where a[i] == b[j].
-  return jnp.maximum(squared, 0.0) / a.shape[1]
+  distances = lambda rows: jnp.mean(jnp.square(rows[:, None, :] - b[None, :, :]), axis=-1)
+  rows_per_block = max(1, max_elements // (b.shape[0] * b.shape[1]))
+  if a.shape[0] <= rows_per_block:
+    return distances(a)
+  return jax.lax.map(lambda row: distances(row[None])[0], a, batch_size=rows_per_block)
 
 
-def batch_threshold(features: jax.Array, quantile: float) -> jax.Array:
-  """The `quantile` of `d` over the distinct pairs of rows of `features`, as a constant.
+def unit_scaled(features: jax.Array) -> jax.Array:
+  """Each row scaled to norm `sqrt(K)`: the mean-over-dims distance of two rows is then
+  the squared distance of the unit vectors, in [0, 4], whatever the features' scale.
+
+  The LC threshold of the reference is a distance in the features' own units,
+  which the network can shrink to put every pair inside it (RESULTS.md); on
+  this scale it cannot. A zero row stays zero, with a zero gradient.
+  """
+  features = features.astype(jnp.float32)
+  squared_norm = jnp.sum(jnp.square(features), axis=-1, keepdims=True)
+  nonzero = squared_norm > 0
+  # The inner `where` keeps rsqrt(0) = inf out of the gradient of the outer one.
+  scale = jax.lax.rsqrt(jnp.where(nonzero, squared_norm, 1.0)) * np.sqrt(features.shape[-1])
+  return jnp.where(nonzero, features * scale, 0.0)
+
+
+class PairDistances(NamedTuple):
+  """The distances the LC term acts on: the rows are the pulled features, the columns their targets."""
+
+  lu: jax.Array  # (n_L, n_U): each labelled image against the unlabelled targets.
+  uu: jax.Array  # (n_U, n_U): each unlabelled image against the unlabelled targets.
+
+
+def lc_distances(labeled: jax.Array, unlabeled: jax.Array, teacher_unlabeled: jax.Array | None,
+                 *, features: str = 'raw', pull: str = 'student') -> PairDistances:
+  """The student's features against the LC targets, as `features` and `pull` choose.
+
+  'raw' and 'student' are the reference: `P(h(L), h(U)) + P(h(U), h(U))`,
+  gradients into both sides. `pull='teacher'` takes the teacher's features
+  `h'(U)` as the targets, held constant: each student feature moves toward
+  the teacher's features of its neighbours, and the uu diagonal pairs each
+  image with the teacher's view of itself. `features='normalized'` applies
+  `unit_scaled` to both sides.
+  """
+  if features not in LC_FEATURES or pull not in LC_PULLS:
+    raise ValueError(f'features must be one of {LC_FEATURES} and pull one of {LC_PULLS}, '
+                     f'got {features!r} and {pull!r}')
+  targets = unlabeled if pull == 'student' else jax.lax.stop_gradient(teacher_unlabeled)
+  if features == 'normalized':
+    labeled, unlabeled, targets = map(unit_scaled, (labeled, unlabeled, targets))
+  return PairDistances(pairwise_mean_squared_distances(labeled, targets),
+                       pairwise_mean_squared_distances(unlabeled, targets))
+
+
+def off_diagonal(distances: jax.Array, symmetric: bool) -> jax.Array:
+  """The pairs of distinct images of a square matrix: `i < j` if `symmetric`, else every `i != j`."""
+  n = distances.shape[0]
+  rows, columns = np.triu_indices(n, k=1) if symmetric else np.nonzero(~np.eye(n, dtype=bool))
+  return distances[rows, columns]
+
+
+def batch_threshold(distances: jax.Array, quantile: float, symmetric: bool = True) -> jax.Array:
+  """The `quantile` of a batch's distances between distinct images, as a constant `T >= MIN_THRESHOLD`.
 
   A threshold that follows the features' scale, which a fixed `T` does not:
   the feature distances of a narrower network, or of the same one later in
-  training, can lie far below or above it (RESULTS.md).
+  training, can lie far below or above it (RESULTS.md). `distances` is the
+  square matrix of the unlabelled images (`off_diagonal` says which pairs).
   """
-  features = jax.lax.stop_gradient(features)
-  d = pairwise_mean_squared_distances(features, features)
-  return jnp.quantile(d[jnp.triu_indices(features.shape[0], k=1)], quantile)
+  values = off_diagonal(jax.lax.stop_gradient(distances), symmetric)
+  return jnp.maximum(jnp.quantile(values, quantile), MIN_THRESHOLD)
 
 
 def within_threshold(distances: jax.Array, threshold: float | jax.Array) -> jax.Array:
@@ -65,25 +138,34 @@ def within_threshold(distances: jax.Array, threshold: float | jax.Array) -> jax.
   return jax.lax.stop_gradient((distances <= threshold).astype(jnp.float32))
 
 
-def pairwise_clustering_loss(a: jax.Array, b: jax.Array, threshold: float | jax.Array) -> jax.Array:
-  """`sum(d * m * exp(-d / T)) / sum(m)` over all pairs of rows of `a` and `b`.
+def clustering_loss_of_distances(distances: jax.Array, threshold: float | jax.Array) -> jax.Array:
+  """`sum(d * m * exp(-d / T)) / sum(m)` with `m = [d <= T]`: docs/reference.md's `P(A, B)`.
 
-  Pulls together the pairs that are already close (`d <= T`), weighting
-  nearer pairs more. Gradients flow through both factors into `a` and `b`.
-  Where no pair is within the threshold the reference divides 0 by 0 (NaN,
-  docs/reference.md quirk 4); here the loss and its gradient are 0.
+  Pulls together the pairs that are already close, weighting nearer pairs
+  more; the gradient flows through both factors of `d`. Where no pair is
+  within the threshold the reference divides 0 by 0 (NaN, docs/reference.md
+  quirk 4); here the loss and its gradient are 0.
   """
-  d = pairwise_mean_squared_distances(a, b)
-  mask = within_threshold(d, threshold)
-  total = jnp.sum(d * mask * jnp.exp(-d / threshold))
+  mask = within_threshold(distances, threshold)
+  total = jnp.sum(distances * mask * jnp.exp(-distances / threshold))
   return total / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def pairwise_clustering_loss(a: jax.Array, b: jax.Array, threshold: float | jax.Array) -> jax.Array:
+  """`P(a, b)` over all pairs of rows of `a` and `b`, gradients into both."""
+  return clustering_loss_of_distances(pairwise_mean_squared_distances(a, b), threshold)
 
 
 def local_clustering_loss(labeled_features: jax.Array, unlabeled_features: jax.Array,
                           threshold: float | jax.Array) -> jax.Array:
   """`pair(f_l, f_u) + pair(f_u, f_u)`; the second term includes the diagonal `d_ii = 0`."""
-  return (pairwise_clustering_loss(labeled_features, unlabeled_features, threshold)
-          + pairwise_clustering_loss(unlabeled_features, unlabeled_features, threshold))
+  return lc_loss_of_distances(lc_distances(labeled_features, unlabeled_features, None), threshold)
+
+
+def lc_loss_of_distances(distances: PairDistances, threshold: float | jax.Array) -> jax.Array:
+  """The LC term `P` of the labelled-unlabelled plus that of the unlabelled-unlabelled pairs."""
+  return (clustering_loss_of_distances(distances.lu, threshold)
+          + clustering_loss_of_distances(distances.uu, threshold))
 
 
 def fraction_within_threshold(a: jax.Array, b: jax.Array,
@@ -92,17 +174,42 @@ def fraction_within_threshold(a: jax.Array, b: jax.Array,
   return jnp.mean(within_threshold(pairwise_mean_squared_distances(a, b), threshold))
 
 
+def pair_purity(within: jax.Array, labels_a: jax.Array, labels_b: jax.Array, *,
+                exclude_diagonal: bool = False) -> tuple[jax.Array, jax.Array]:
+  """`(purity, base rate)` of a pair mask: whether LC pulls images of one class together.
+
+  `within[i, j]` (0 or 1) marks the pairs inside `T`; the purity is the
+  fraction of them whose two images share a class, the base rate that
+  fraction over all pairs (about 1 / classes for balanced classes): the
+  purity of a mask that picks pairs at random. `exclude_diagonal` leaves the
+  pairs `i == j` of a square mask out of both: an image paired with itself
+  shares its class trivially. The purity is 0 where no pair is inside `T`.
+  The labels serve this diagnostic only.
+  """
+  same = (labels_a[:, None] == labels_b[None, :]).astype(jnp.float32)
+  counted = jnp.ones_like(same)
+  if exclude_diagonal:
+    counted = counted - jnp.eye(*same.shape, dtype=jnp.float32)
+  within = jax.lax.stop_gradient(within) * counted
+  purity = jnp.sum(within * same) / jnp.maximum(jnp.sum(within), 1.0)
+  return purity, jnp.sum(same * counted) / jnp.sum(counted)
+
+
 DISTANCE_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.95)
+
+
+def strided_rows(x: jax.Array, max_rows: int) -> jax.Array:
+  """At most `max_rows` rows of `x` at an even stride, so a split stored class by class
+  still contributes every class."""
+  return x[::max(1, -(-x.shape[0] // max_rows))]
 
 
 def distance_quantiles(features: jax.Array, max_rows: int = 1000) -> jax.Array:
   """`DISTANCE_QUANTILES` of `d` over the distinct pairs of (at most `max_rows`) feature rows.
 
   The scale the threshold `T` is compared with: a `T` above most distances
-  puts every pair inside it. Rows are taken at an even stride, so a split
-  stored class by class still contributes every class.
+  puts every pair inside it. Rows are taken by `strided_rows`.
   """
-  features = features[::max(1, -(-features.shape[0] // max_rows))]
+  features = strided_rows(features, max_rows)
   d = pairwise_mean_squared_distances(features, features)
-  upper = jnp.triu_indices(features.shape[0], k=1)
-  return jnp.quantile(d[upper], jnp.asarray(DISTANCE_QUANTILES))
+  return jnp.quantile(off_diagonal(d, symmetric=True), jnp.asarray(DISTANCE_QUANTILES))

@@ -4,8 +4,9 @@
 
 `learning_curves.png` overlays every run: each loss term, the fraction of
 pairs inside the local-clustering threshold (`lc_within_lu`, `lc_within_uu`)
-and the threshold itself, the student's median pairwise feature distance and
-the student's and teacher's error at each evaluation.
+and the threshold itself, the pair purity of those pairs beside its base rate
+(dashed) in training and at each evaluation, the student's median pairwise
+feature distance and the student's and teacher's error at each evaluation.
 `pca_<run>.png` (and `tsne_<run>.png` with --tsne) scatter the teacher's
 feature vectors of the test images, coloured by class.
 """
@@ -23,21 +24,30 @@ from lcmt_jax import cli  # pylint: disable=wrong-import-position
 from lcmt_jax import errors  # pylint: disable=wrong-import-position
 from lcmt_jax import metrics_log  # pylint: disable=wrong-import-position
 
-# (record kind, key, panel title); panels a run has no values for are left out.
+# (record kind, key, panel title, key of a reference curve drawn dashed or None); panels a
+# run has no values for are left out.
 PANELS = (
-    ('train', 'loss', 'total loss'),
-    ('train', 'ce_loss', 'cross-entropy'),
-    ('train', 'consistency_loss', 'consistency loss'),
-    ('train', 'lc_loss', 'local-clustering loss'),
-    ('train', 'lc_within_lu', 'LC: labelled-unlabelled pairs within T'),
-    ('train', 'lc_within_uu', 'LC: unlabelled-unlabelled pairs within T'),
-    ('train', 'lc_threshold', 'LC threshold T'),
-    ('eval', 'validation/student_distance_q50', 'median feature distance (validation)'),
-    ('eval', 'test/student_distance_q50', 'median feature distance (test)'),
-    ('eval', 'test/student_accuracy', 'student test error (%)'),
-    ('eval', 'test/teacher_accuracy', 'teacher test error (%)'),
-    ('eval', 'validation/student_accuracy', 'student validation error (%)'),
-    ('eval', 'validation/teacher_accuracy', 'teacher validation error (%)'),
+    ('train', 'loss', 'total loss', None),
+    ('train', 'ce_loss', 'cross-entropy', None),
+    ('train', 'consistency_loss', 'consistency loss', None),
+    ('train', 'lc_loss', 'local-clustering loss', None),
+    ('train', 'lc_within_lu', 'LC: labelled-unlabelled pairs within T', None),
+    ('train', 'lc_within_uu', 'LC: unlabelled-unlabelled pairs within T', None),
+    ('train', 'lc_threshold', 'LC threshold T', None),
+    ('train', 'lc_purity_lu', 'LC pair purity, labelled-unlabelled\n(dashed: base rate)',
+     'lc_base_rate_lu'),
+    ('train', 'lc_purity_uu', 'LC pair purity, unlabelled-unlabelled\n(dashed: base rate)',
+     'lc_base_rate_uu'),
+    ('eval', 'validation/student_pair_purity',
+     'pair purity within T (validation)\n(dashed: base rate)', 'validation/student_pair_base_rate'),
+    ('eval', 'test/student_pair_purity', 'pair purity within T (test)\n(dashed: base rate)',
+     'test/student_pair_base_rate'),
+    ('eval', 'validation/student_distance_q50', 'median feature distance (validation)', None),
+    ('eval', 'test/student_distance_q50', 'median feature distance (test)', None),
+    ('eval', 'test/student_accuracy', 'student test error (%)', None),
+    ('eval', 'test/teacher_accuracy', 'teacher test error (%)', None),
+    ('eval', 'validation/student_accuracy', 'student validation error (%)', None),
+    ('eval', 'validation/teacher_accuracy', 'teacher validation error (%)', None),
 )
 _DPI = 80
 
@@ -62,6 +72,12 @@ def _curve(records: list[dict], kind: str, key: str) -> tuple[np.ndarray, np.nda
   return epochs, values
 
 
+def available_panels(runs: Sequence[list[dict]]) -> list[tuple]:
+  """The entries of `PANELS` that at least one run's records have values for."""
+  return [panel for panel in PANELS
+          if any(_curve(records, panel[0], panel[1])[0].size for records in runs)]
+
+
 def plot_learning_curves(workdirs: Sequence[str], path: str) -> str:
   """One panel per metric in `PANELS`, every run overlaid; returns `path`."""
   runs = []
@@ -71,18 +87,20 @@ def plot_learning_curves(workdirs: Sequence[str], path: str) -> str:
       raise NoMetricsError(f'{workdir} holds no metrics.jsonl: is it a run workdir?')
     runs.append(metrics_log.read_records(metrics_path))
   labels = run_labels(workdirs)
-  panels = [(kind, key, title) for kind, key, title in PANELS
-            if any(_curve(records, kind, key)[0].size for records in runs)]
+  panels = available_panels(runs)
   columns = min(4, len(panels))
   rows = -(-len(panels) // columns)
   fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False)
-  for ax, (kind, key, title) in zip(axes.flat, panels):
+  for ax, (kind, key, title, reference_key) in zip(axes.flat, panels):
     for records, label, color in zip(runs, labels, plt.cm.tab10.colors * 10):
       epochs, values = _curve(records, kind, key)
       if epochs.size:
         ax.plot(epochs, values, label=label, color=color,
                 marker='o' if kind == 'eval' or epochs.size == 1 else None, markersize=3,
                 linewidth=1.2)
+      epochs, values = _curve(records, kind, reference_key) if reference_key else ((), ())
+      if len(epochs):
+        ax.plot(epochs, values, color=color, linestyle='--', linewidth=1.0)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel('epoch', fontsize=8)
     ax.tick_params(labelsize=7)

@@ -55,6 +55,8 @@ class StepConfig:
   lc_rampup: float
   lc_threshold: float
   lc_threshold_quantile: float  # 0: the fixed lc_threshold; else T from each batch.
+  lc_features: str  # losses.LC_FEATURES: 'raw' (the reference) | 'normalized'.
+  lc_pull: str  # losses.LC_PULLS: 'student' (the reference) | 'teacher'.
   ema_decay: float
   joint_forward: bool
   use_unlabeled: bool  # False for the supervised-only baseline.
@@ -76,6 +78,8 @@ class StepConfig:
         lc_rampup=float(config.lc_rampup),
         lc_threshold=float(config.lc_threshold),
         lc_threshold_quantile=float(config.lc_threshold_quantile),
+        lc_features=config.lc_features,
+        lc_pull=config.lc_pull,
         ema_decay=float(config.ema_decay),
         joint_forward=bool(config.joint_forward),
         use_unlabeled=semi_supervised,
@@ -181,16 +185,32 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array],
-               cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+def lc_active_in(cfg: StepConfig, first_step: int, num_steps: int) -> bool:
+  """Whether a compiled call of steps `first_step ..` needs the LC term: `[t >= t_LC]`
+  (docs/reference.md "Losses") at its last step, epochs only growing.
+
+  Chosen on the host for each call, so a run compiles at most two programs
+  (before LC, with LC) and the steps of neither branch on the device; a call
+  that straddles `lc_start` computes the term, at weight 0 before it.
+  """
+  return bool(cfg.lc_weight) and float(cfg.epoch(first_step + num_steps - 1)) >= cfg.lc_start
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], cfg: StepConfig,
+               lc_active: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step of the student, then the teacher's EMA update.
 
   `batch` holds 'labeled_student', 'labeled_teacher', 'labels',
-  'unlabeled_student', 'unlabeled_teacher' (two augmentations of each image).
+  'unlabeled_student', 'unlabeled_teacher' (two augmentations of each image)
+  and, for the pair-purity diagnostic only, 'unlabeled_labels' (a batch
+  without them, a benchmark's, gets no purity metrics). `lc_active` (static)
+  False leaves the LC term out of the program, as the reference leaves it out
+  before `lc_start` (`lc_active_in`): its metric 'lc_loss' is then 0.
   """
   student_key, teacher_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
   unlabeled_student = batch['unlabeled_student'] if cfg.use_unlabeled else None
   unlabeled_teacher = batch['unlabeled_teacher'] if cfg.use_unlabeled else None
+  compute_lc = bool(cfg.lc_weight) and lc_active
 
   # The teacher is a target: its outputs carry no gradient (the student's
   # parameters never enter its computation), but its running means move.
@@ -205,24 +225,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
     (logits_l, feats_l), student_u, batch_stats = _forward_train(
         state.apply_fn, params, state.batch_stats, batch['labeled_student'], unlabeled_student,
         student_key, cfg.joint_forward)
-    terms = {'ce_loss': losses.cross_entropy_loss(logits_l, batch['labels'])}
+    terms, pairs = {'ce_loss': losses.cross_entropy_loss(logits_l, batch['labels'])}, None
     if cfg.use_unlabeled:
       (logits_u, feats_u), (teacher_logits_u, _) = student_u, teacher_u
       terms['consistency_loss'] = losses.consistency_loss(
           logits_l, teacher_logits_l, logits_u, teacher_logits_u)
-    if cfg.lc_weight:
+    if compute_lc:
       with jax.named_scope('local_clustering'):
-        # Recorded with the terms, so the diagnostics below reuse it (a constant).
-        terms['lc_threshold'] = jnp.asarray(lc_threshold(cfg, feats_u), jnp.float32)
-        terms['lc_loss'] = losses.local_clustering_loss(feats_l, feats_u, terms['lc_threshold'])
+        pairs = _lc_pairs(cfg, feats_l, feats_u, teacher_u[1])
+        terms['lc_loss'] = losses.lc_loss_of_distances(pairs[0], pairs[1])
+    elif cfg.lc_weight:
+      terms['lc_loss'] = jnp.zeros((), jnp.float32)  # Both programs of a run log the same keys.
     total = (terms['ce_loss'] + consistency_weight * terms.get('consistency_loss', 0.0)
              + lc_weight * terms.get('lc_loss', 0.0))
-    return total, (terms, logits_l, feats_l, student_u, batch_stats)
+    return total, (terms, logits_l, feats_l, student_u, batch_stats, pairs)
 
   learning_rate = cfg.learning_rate(state.step)
   with jax.named_scope('student'):
-    (loss, (terms, logits_l, feats_l, student_u, batch_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, (terms, logits_l, feats_l, student_u, batch_stats, pairs)), grads = (
+        jax.value_and_grad(loss_fn, has_aux=True)(state.params))
   with jax.named_scope('optimizer'):
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   with jax.named_scope('ema_update'):
@@ -241,19 +262,50 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
       'student_labeled_accuracy': _accuracy(logits_l, batch['labels']),
       'teacher_labeled_accuracy': _accuracy(teacher_logits_l, batch['labels']),
   }
-  if cfg.lc_weight:
-    feats_u = student_u[1]
-    with jax.named_scope('local_clustering'):
-      threshold = terms['lc_threshold']
-      metrics['lc_within_lu'] = losses.fraction_within_threshold(feats_l, feats_u, threshold)
-      metrics['lc_within_uu'] = losses.fraction_within_threshold(feats_u, feats_u, threshold)
+  if cfg.use_unlabeled:
+    with jax.named_scope('lc_diagnostics'):
+      # The pairs inside T of the method's threshold, whether or not LC is on (Mean Teacher:
+      # the config's T), from constants: nothing here reaches the loss.
+      if pairs is None:
+        pairs = _lc_pairs(cfg, *jax.lax.stop_gradient((feats_l, student_u[1], teacher_u[1])))
+      metrics.update(lc_diagnostics(*jax.lax.stop_gradient(pairs), batch))
   return state, metrics
 
 
-def lc_threshold(cfg: StepConfig, unlabeled_features: jax.Array) -> float | jax.Array:
+def _lc_pairs(cfg: StepConfig, feats_l: jax.Array, feats_u: jax.Array,
+              teacher_feats_u: jax.Array) -> tuple[losses.PairDistances, jax.Array]:
+  """The LC term's pair distances and its threshold `T`."""
+  distances = losses.lc_distances(feats_l, feats_u, teacher_feats_u, features=cfg.lc_features,
+                                  pull=cfg.lc_pull)
+  return distances, jnp.asarray(lc_threshold(cfg, distances.uu), jnp.float32)
+
+
+def lc_diagnostics(distances: losses.PairDistances, threshold: jax.Array,
+                   batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """T, the fractions of pairs inside it and, given the unlabelled images' true labels,
+  its pair purity beside the base rate (`losses.pair_purity`).
+
+  'lc_within_uu' counts the uu diagonal as the loss does; the purity and base
+  rate leave it out (an image, or its teacher view, paired with itself).
+  """
+  within_lu = losses.within_threshold(distances.lu, threshold)
+  within_uu = losses.within_threshold(distances.uu, threshold)
+  metrics = {'lc_threshold': threshold, 'lc_within_lu': jnp.mean(within_lu),
+             'lc_within_uu': jnp.mean(within_uu)}
+  if 'unlabeled_labels' in batch:
+    labels_u = batch['unlabeled_labels']
+    metrics['lc_purity_lu'], metrics['lc_base_rate_lu'] = losses.pair_purity(
+        within_lu, batch['labels'], labels_u)
+    metrics['lc_purity_uu'], metrics['lc_base_rate_uu'] = losses.pair_purity(
+        within_uu, labels_u, labels_u, exclude_diagonal=True)
+  return metrics
+
+
+def lc_threshold(cfg: StepConfig, unlabeled_distances: jax.Array) -> float | jax.Array:
   """The fixed `T` (the reference), or the configured quantile of this batch's distances."""
   if cfg.lc_threshold_quantile:
-    return losses.batch_threshold(unlabeled_features, cfg.lc_threshold_quantile)
+    return losses.batch_threshold(unlabeled_distances, cfg.lc_threshold_quantile,
+                                  symmetric=cfg.lc_pull == 'student')
   return cfg.lc_threshold
 
 

@@ -2,7 +2,8 @@
 
 `train_and_evaluate` builds the run (`lcmt_jax.experiment`), resumes it from
 its newest checkpoint if there is one, and trains epoch by epoch: each epoch
-is one compiled call (or `steps_per_call` steps per call), followed by its
+is one compiled call (or `steps_per_call` steps per call; the calls before
+`lc_start` run a program without the local-clustering term), followed by its
 metrics record, an evaluation every `eval_every_epochs`, and a checkpoint
 every `checkpoint_every_epochs` and at each new best. Over several hosts every
 process runs the same loop; process 0 alone writes logs and metrics, all
@@ -23,6 +24,7 @@ from lcmt_jax import errors
 from lcmt_jax import eval_metrics
 from lcmt_jax import experiment
 from lcmt_jax import metrics_log
+from lcmt_jax import train_state
 from lcmt_jax import workdir as workdir_files
 
 
@@ -88,11 +90,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       step_metrics = []
       for start in range(0, steps_per_epoch, steps_per_call):
         num_steps = min(steps_per_call, steps_per_epoch - start)
+        first_step = (epoch - 1) * steps_per_epoch + start
         call_start = time.perf_counter()
-        state, metrics = run.train_fn(state, run.data, run.data_key, num_steps=num_steps)
+        state, metrics = run.train_fn(
+            state, run.data, run.data_key, num_steps=num_steps,
+            lc_active=train_state.lc_active_in(run.step_config, first_step, num_steps))
         metrics = jax.device_get(metrics)
-        _check_finite(metrics, first_step=(epoch - 1) * steps_per_epoch + start,
-                     last_good_epoch=loop.epoch)
+        _check_finite(metrics, first_step=first_step, last_good_epoch=loop.epoch)
         step_metrics.append(metrics)
         progress.update(num_steps, time.perf_counter() - call_start, run.images_per_step, metrics)
       loop.train_seconds += time.perf_counter() - epoch_start
@@ -104,7 +108,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
       new_best = False
       if epoch % config.eval_every_epochs == 0 or epoch == config.num_epochs:
-        evaluation = eval_metrics.evaluate_splits(run.predict_fn, state, run.data, run.split)
+        evaluation = eval_metrics.evaluate_splits(run.predict_fn, state, run.data, run.split,
+                                                  run.step_config)
         log.write(epoch, 'eval', evaluation)
         progress.print(eval_metrics.format_evaluation(epoch, evaluation))
         selection = evaluation[f'{config.selection}/teacher_accuracy']

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
@@ -16,9 +17,11 @@ from lcmt_jax import eval_metrics
 from lcmt_jax import evaluate
 from lcmt_jax import experiment
 from lcmt_jax import input_pipeline
+from lcmt_jax import metrics_log
 from lcmt_jax import models
 from lcmt_jax import plot
 from lcmt_jax import report
+from lcmt_jax import train_state
 from lcmt_jax import torch_import
 from tests import helpers
 from lcmt_jax.testing.runs import REPO
@@ -154,6 +157,43 @@ def test_plot_writes_png_files(one_epoch_run, tmp_path):
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     assert 0 < os.path.getsize(path) < 200_000
+
+
+def test_plot_draws_the_pair_purity_beside_its_base_rate(one_epoch_run):
+  records = metrics_log.read_records(os.path.join(one_epoch_run[0], 'metrics.jsonl'))
+  drawn = {(key, reference) for _, key, _, reference in plot.available_panels([records])}
+  assert {('lc_purity_lu', 'lc_base_rate_lu'), ('lc_purity_uu', 'lc_base_rate_uu'),
+          ('test/student_pair_purity', 'test/student_pair_base_rate')} <= drawn
+  assert all(reference is None or any(reference in r for r in records)
+             for _, reference in drawn)
+
+
+@pytest.mark.parametrize('quantile, lc_features', [(0.0, 'raw'), (0.15, 'raw'),
+                                                   (0.15, 'normalized')])
+def test_eval_pair_purity_counts_the_pairs_inside_t(quantile, lc_features):
+  """`eval_metrics.pair_purity` against counting the distinct pairs of a strided subsample."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, size=90)
+  # Classes apart from each other, so the purity is well above the base rate.
+  features = (rng.normal(size=(90, 5)) + 2.0 * np.eye(5)[labels]).astype(np.float32)
+  config = tiny_config(lc_threshold_quantile=quantile, lc_features=lc_features,
+                       lc_threshold=1.0)
+  step_config = train_state.StepConfig.from_config(config, steps_per_epoch=10)
+  got = jax.device_get(eval_metrics.pair_purity(jnp.asarray(features), jnp.asarray(labels),
+                                                step_config=step_config, max_rows=30))
+  subset, subset_labels = features[::3].astype(np.float64), labels[::3]
+  if lc_features == 'normalized':
+    subset = subset / np.linalg.norm(subset, axis=1, keepdims=True) * np.sqrt(5)
+  pairs = [(np.mean((subset[i] - subset[j]) ** 2), subset_labels[i] == subset_labels[j])
+           for i in range(30) for j in range(i + 1, 30)]
+  distances, same = (np.asarray(x) for x in zip(*pairs))
+  threshold = np.quantile(distances, quantile) if quantile else 1.0
+  inside = distances <= threshold
+  np.testing.assert_allclose(got['pair_threshold'], threshold, rtol=1e-5)
+  np.testing.assert_allclose(got['pairs_within'], inside.mean(), rtol=1e-6)
+  np.testing.assert_allclose(got['pair_purity'], same[inside].mean(), rtol=1e-6)
+  np.testing.assert_allclose(got['pair_base_rate'], same.mean(), rtol=1e-6)
+  assert got['pair_purity'] > got['pair_base_rate'] + 0.1
 
 
 def test_pca_projection_equals_scikit_learn_up_to_sign():

@@ -385,8 +385,8 @@ def _scripted_run(monkeypatch, workdir, config, evaluations, first_epoch=1):
   """
   evaluated_at_step = []
 
-  def evaluate(predict_fn, state, data, split):
-    del predict_fn, data, split
+  def evaluate(predict_fn, state, data, split, step_config):
+    del predict_fn, data, split, step_config
     evaluated_at_step.append(int(state.step))
     return dict(evaluations[len(evaluated_at_step) - 1])
 

@@ -191,6 +191,147 @@ def test_batch_threshold_is_the_quantile_of_distinct_pairs_without_gradient(quan
   features = np.random.default_rng(5).normal(size=(20, 7)).astype(np.float32)
   pairs = [np.mean((features[i].astype(np.float64) - features[j]) ** 2)
            for i in range(20) for j in range(i + 1, 20)]
-  threshold, grad = jax.value_and_grad(losses.batch_threshold)(jnp.asarray(features), quantile)
+
+  def threshold_of(features):
+    return losses.batch_threshold(losses.pairwise_mean_squared_distances(features, features),
+                                  quantile)
+
+  threshold, grad = jax.value_and_grad(threshold_of)(jnp.asarray(features))
   np.testing.assert_allclose(threshold, np.quantile(pairs, quantile), rtol=1e-5)
   np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_batch_threshold_of_a_non_symmetric_matrix_takes_every_off_diagonal_pair():
+  distances = np.random.default_rng(6).uniform(size=(9, 9)).astype(np.float32)
+  off_diagonal = [distances[i, j] for i in range(9) for j in range(9) if i != j]
+  upper = [distances[i, j] for i in range(9) for j in range(i + 1, 9)]
+  got = losses.batch_threshold(jnp.asarray(distances), 0.3, symmetric=False)
+  np.testing.assert_allclose(got, np.quantile(off_diagonal, 0.3), rtol=1e-6)
+  assert abs(np.quantile(off_diagonal, 0.3) - np.quantile(upper, 0.3)) > 1e-3  # Not the same.
+
+
+@pytest.mark.parametrize('max_elements', [2**24, 100])
+def test_pairwise_distances_match_the_double_loop_in_one_block_and_in_many(max_elements):
+  a, b = _features(10, n_a=13, n_b=7, dim=5)
+  got = losses.pairwise_mean_squared_distances(jnp.asarray(a), jnp.asarray(b), max_elements)
+  expected = [[np.mean((a[i].astype(np.float64) - b[j]) ** 2) for j in range(7)]
+              for i in range(13)]
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def _nearly_coincident(n=64, dim=16, scale=1e-4, seed=11):
+  """Features at one point of norm ~12, spread by `scale`: the Gram expansion rounds their
+  distances (~scale^2) to 0, as it did for the collapsed features of issue 28."""
+  rng = np.random.default_rng(seed)
+  centre = rng.normal(size=dim) * 3.0
+  return (centre + scale * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def test_distances_of_nearly_coincident_features_are_exact_not_zero():
+  features = _nearly_coincident()
+  f64 = features.astype(np.float64)
+  expected = ((f64[:, None] - f64[None]) ** 2).mean(-1)
+  a = jnp.asarray(features)
+  gram = (jnp.sum(a**2, 1)[:, None] + jnp.sum(a**2, 1)[None] - 2 * jnp.matmul(
+      a, a.T, precision='highest')) / a.shape[1]
+  off = ~np.eye(len(features), dtype=bool)
+  # The expansion this replaces: its error is as large as the distances themselves.
+  assert np.max(np.abs(np.asarray(gram)[off] - expected[off])) > 0.5 * np.median(expected[off])
+  got = np.asarray(losses.pairwise_mean_squared_distances(a, a))
+  # Each difference is exact to float32's rounding of the features (ulp 1e-6 near 10 against a
+  # spread of 1e-4): 1e-2 relative, measured 5e-3.
+  np.testing.assert_allclose(got[off], expected[off], rtol=2e-2)
+  np.testing.assert_array_equal(np.diag(got), 0.0)
+
+
+@pytest.mark.parametrize('spread', [1e-4, 0.0])
+def test_quantile_threshold_stays_positive_and_loss_finite_for_coincident_features(spread):
+  """Nearly coincident features get their real 10 % quantile; identical ones (quantile 0) the
+  floor `MIN_THRESHOLD`; the loss and its gradient are finite either way."""
+  features = _nearly_coincident(scale=spread)
+  labeled = jnp.asarray(features[:8])
+
+  def loss(labeled, unlabeled):
+    distances = losses.lc_distances(labeled, unlabeled, None)
+    threshold = losses.batch_threshold(distances.uu, 0.1)
+    return losses.lc_loss_of_distances(distances, threshold), threshold
+
+  (value, threshold), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      labeled, jnp.asarray(features))
+  assert float(threshold) > 0.0
+  if spread:
+    f64 = features.astype(np.float64)
+    pairs = [np.mean((f64[i] - f64[j]) ** 2) for i in range(64) for j in range(i + 1, 64)]
+    np.testing.assert_allclose(threshold, np.quantile(pairs, 0.1), rtol=2e-2)
+    assert float(value) > 0.0
+  else:
+    assert float(threshold) == losses.MIN_THRESHOLD and float(value) == 0.0
+  assert np.isfinite(float(value))
+  for grad in grads:
+    assert np.all(np.isfinite(grad))
+
+
+def _np_unit_scaled(x):
+  x = x.astype(np.float64)
+  return x / np.linalg.norm(x, axis=1, keepdims=True) * np.sqrt(x.shape[1])
+
+
+@pytest.mark.parametrize('features, pull', [('raw', 'student'), ('normalized', 'student'),
+                                            ('raw', 'teacher'), ('normalized', 'teacher')])
+def test_lc_variants_match_the_double_loop_and_leave_the_teacher_without_gradient(features, pull):
+  rng = np.random.default_rng(12)
+  labeled, unlabeled, teacher = (rng.normal(scale=3.0, size=(n, 6)).astype(np.float32)
+                                 for n in (4, 9, 9))
+  np_l, np_u, np_t = labeled, unlabeled, teacher if pull == 'teacher' else unlabeled
+  if features == 'normalized':
+    np_l, np_u, np_t = map(_np_unit_scaled, (np_l, np_u, np_t))
+    # Unit vectors: mean-over-dims distances of the scaled rows are |u - v|^2, in [0, 4].
+    u = np_u / np.linalg.norm(np_u, axis=1, keepdims=True)
+    v = np_t / np.linalg.norm(np_t, axis=1, keepdims=True)
+    np.testing.assert_allclose(_np_distances(np_u, np_t), ((u[:, None] - v[None]) ** 2).sum(-1),
+                               rtol=1e-12)
+  threshold = _threshold_in_gap(_np_distances(np_u, np_t), 0.4)
+  expected = _np_pair_loss(np_l, np_t, threshold) + _np_pair_loss(np_u, np_t, threshold)
+
+  def loss(labeled, unlabeled, teacher):
+    distances = losses.lc_distances(labeled, unlabeled, teacher, features=features, pull=pull)
+    return losses.lc_loss_of_distances(distances, threshold), distances
+
+  (value, distances), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      *map(jnp.asarray, (labeled, unlabeled, teacher)))
+  np.testing.assert_allclose(distances.lu, _np_distances(np_l, np_t), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(distances.uu, _np_distances(np_u, np_t), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+  assert np.abs(grads[0]).max() > 1e-4 and np.abs(grads[1]).max() > 1e-4
+  np.testing.assert_array_equal(grads[2], 0.0)  # The teacher: a target, or not used at all.
+
+
+def test_unit_scaled_zero_row_stays_zero_with_zero_gradient():
+  x = jnp.asarray([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]])
+  np.testing.assert_allclose(losses.unit_scaled(x), [[0, 0, 0], [0.6 * 3**.5, 0.8 * 3**.5, 0]],
+                             rtol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(losses.unit_scaled(x)[0] * jnp.arange(3.0)))(x)
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+@pytest.mark.parametrize('exclude_diagonal', [False, True])
+def test_pair_purity_matches_counting_pairs(exclude_diagonal):
+  rng = np.random.default_rng(13)
+  labels = rng.integers(0, 3, size=10)
+  within = (rng.uniform(size=(10, 10)) < 0.3).astype(np.float32)
+  inside = same = total = same_total = 0
+  for i in range(10):
+    for j in range(10):
+      if exclude_diagonal and i == j:
+        continue
+      total += 1
+      same_total += labels[i] == labels[j]
+      if within[i, j]:
+        inside += 1
+        same += labels[i] == labels[j]
+  purity, base_rate = losses.pair_purity(jnp.asarray(within), jnp.asarray(labels),
+                                         jnp.asarray(labels), exclude_diagonal=exclude_diagonal)
+  np.testing.assert_allclose(purity, same / inside, rtol=1e-6)
+  np.testing.assert_allclose(base_rate, same_total / total, rtol=1e-6)
+  empty, _ = losses.pair_purity(jnp.zeros((10, 10)), jnp.asarray(labels), jnp.asarray(labels))
+  assert float(empty) == 0.0

@@ -43,10 +43,12 @@ def _config(**overrides):
       'consistency_weight': 100.0,
       'consistency_rampup': 5,
       'lc_weight': 10.0,
-      'lc_start': 0,
+      'lc_start': 0.0,
       'lc_rampup': 3,
       'lc_threshold': 50.0,
       'lc_threshold_quantile': 0.0,
+      'lc_features': 'raw',
+      'lc_pull': 'student',
       'ema_decay': 0.9,
       'joint_forward': False,
       'weight_decay_params': 'all',
@@ -97,7 +99,8 @@ def batch():
   images = lambda n: jnp.asarray(rng.normal(size=(n, SIZE, SIZE, 3)).astype(np.float32))
   return {'labeled_student': images(N_LABELED), 'labeled_teacher': images(N_LABELED),
           'labels': jnp.asarray(rng.integers(0, 10, size=N_LABELED)),
-          'unlabeled_student': images(N_UNLABELED), 'unlabeled_teacher': images(N_UNLABELED)}
+          'unlabeled_student': images(N_UNLABELED), 'unlabeled_teacher': images(N_UNLABELED),
+          'unlabeled_labels': jnp.asarray(rng.integers(0, 10, size=N_UNLABELED))}
 
 
 def _create_both(model, config, batch):
@@ -258,27 +261,32 @@ def test_student_steps_are_torch_sgd_on_the_reference_loss(trajectory, oracle, c
                                atol=2e-4 * np.abs(moved).max(), err_msg=name)
 
 
-def test_teacher_receives_no_gradient(initial_states, batch, step_config):
+@pytest.mark.parametrize('lc_pull', ['student', 'teacher'])
+def test_teacher_receives_no_gradient(initial_states, batch, lc_pull):
   """The loss `train_step` minimises passes no gradient into the teacher's parameters.
 
   The library's own step is differentiated: the loss it reports, as a function
-  of the teacher's parameters (its logits are the consistency targets), has a
-  gradient of exactly zero, with an independent teacher and with one equal to
-  the student, although its value depends on the teacher.
+  of the teacher's parameters (its logits are the consistency targets; with
+  `lc_pull='teacher'` its features are the LC targets too), has a gradient of
+  exactly zero, with an independent teacher and with one equal to the
+  student, although its value depends on the teacher.
   """
   independent, copied = initial_states
+  step_config = train_state.StepConfig.from_config(_config(lc_pull=lc_pull), STEPS_PER_EPOCH)
 
   def reported_loss(teacher_params):
     _, metrics = train_state.train_step(independent.replace(teacher_params=teacher_params),
                                         batch, step_config)
     # Only what is asserted on: XLA then drops the rest of the step (the student's backward pass).
-    return metrics['loss'], {k: metrics[k] for k in ('consistency_weight', 'consistency_loss')}
+    return metrics['loss'], {k: metrics[k] for k in ('consistency_weight', 'consistency_loss',
+                                                     'lc_weight', 'lc_loss')}
 
   loss_and_grad = jax.jit(jax.value_and_grad(reported_loss, has_aux=True))
   losses_seen = []
   for teacher_params in (independent.teacher_params, copied.teacher_params):
     (loss, metrics), grads = loss_and_grad(teacher_params)
     assert metrics['consistency_weight'] > 0 and metrics['consistency_loss'] > 0
+    assert metrics['lc_weight'] > 0 and metrics['lc_loss'] > 0
     for name, grad in _leaves_with_names(grads):
       np.testing.assert_array_equal(grad, 0.0, err_msg=name)
     losses_seen.append(float(loss))
@@ -385,36 +393,95 @@ def test_loss_weights_match_hand_formula(granularity):
     ('mt_lc', True, True), ('mt', True, False), ('supervised', False, False)])
 def test_metrics_depend_on_method(initial_state, batch, method, has_consistency, has_lc):
   step_config = train_state.StepConfig.from_config(_config(method=method), STEPS_PER_EPOCH)
-  _, metrics = jax.eval_shape(functools.partial(train_state.train_step, cfg=step_config),
-                              initial_state, batch)
-  assert 'ce_loss' in metrics and 'loss' in metrics
-  assert ('consistency_loss' in metrics) == has_consistency
-  assert ('lc_loss' in metrics) == has_lc
-  assert ('lc_within_lu' in metrics) == has_lc
+  for lc_active in (False, True):
+    _, metrics = jax.eval_shape(functools.partial(train_state.train_step, cfg=step_config,
+                                                  lc_active=lc_active), initial_state, batch)
+    assert 'ce_loss' in metrics and 'loss' in metrics
+    assert ('consistency_loss' in metrics) == has_consistency
+    assert ('lc_loss' in metrics) == has_lc
+    # The diagnostics of the threshold: every method with unlabelled images (Mean Teacher too).
+    assert {'lc_threshold', 'lc_within_lu', 'lc_purity_uu', 'lc_base_rate_lu'} <= set(
+        metrics) or not has_consistency
+    assert 'lc_within_lu' not in metrics or has_consistency
+    # Both programs of a run log the same metrics.
+    if lc_active:
+      assert set(metrics) == keys_without_lc
+    keys_without_lc = set(metrics)
 
 
-def test_mt_lc_before_lc_start_steps_as_mean_teacher(initial_state, batch):
-  """Until `lc_start` an MT+LC run is a Mean Teacher run: its checkpoints can continue
-  as one (RESULTS.md, the full protocol's shared first 600 epochs)."""
-  def two_steps(method):
-    step_config = train_state.StepConfig.from_config(_config(method=method, lc_start=3),
-                                                     STEPS_PER_EPOCH)
-    state, _ = TRAIN_STEP(initial_state, batch, step_config)
-    state, metrics = TRAIN_STEP(state, batch, step_config)
-    return state, metrics
+def _states_equal_bitwise(a, b):
+  for (name, got), (_, want) in zip(
+      _leaves_with_names((a.params, a.opt_state, a.teacher_params, a.batch_stats,
+                          a.teacher_batch_stats, a.step)),
+      _leaves_with_names((b.params, b.opt_state, b.teacher_params, b.batch_stats,
+                          b.teacher_batch_stats, b.step))):
+    np.testing.assert_array_equal(got, want, err_msg=name)
 
-  mt_lc, mt_lc_metrics = two_steps('mt_lc')
-  mt, _ = two_steps('mt')
-  assert mt_lc_metrics['lc_weight'] == 0.0 and mt_lc_metrics['lc_loss'] > 0.0
+
+def test_steps_before_lc_start_never_compute_the_lc_term(initial_state, batch, monkeypatch):
+  """Until `lc_start` an MT+LC run is a Mean Teacher run, bit for bit: its program has no LC
+  term, so an LC term that gives NaN cannot reach it (the reference computes none there), and
+  its checkpoints can continue as Mean Teacher (RESULTS.md, the full protocol's first 600
+  epochs)."""
+  monkeypatch.setattr(losses, 'lc_loss_of_distances', lambda *args: jnp.float32(jnp.nan))
+
+  def two_steps(method, lc_active):
+    # A fresh partial: traced now, with the NaN-giving LC term.
+    step = jax.jit(functools.partial(
+        train_state.train_step,
+        cfg=train_state.StepConfig.from_config(_config(method=method, lc_start=3),
+                                               STEPS_PER_EPOCH),
+        lc_active=lc_active))
+    state, _ = step(initial_state, batch)
+    return step(state, batch)
+
+  mt_lc, mt_lc_metrics = two_steps('mt_lc', lc_active=False)
+  mt, mt_metrics = two_steps('mt', lc_active=False)
+  _, with_lc_metrics = two_steps('mt_lc', lc_active=True)
+  assert np.isnan(with_lc_metrics['lc_loss']) and np.isnan(with_lc_metrics['loss'])
+  assert mt_lc_metrics['lc_weight'] == 0.0 and mt_lc_metrics['lc_loss'] == 0.0
+  assert all(np.all(np.isfinite(v)) for v in mt_lc_metrics.values())
   moved = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a) - np.asarray(b))),
                        mt.params, initial_state.params)
   assert max(jax.tree.leaves(moved)) > 1e-4  # The steps change the student.
-  for (name, got), (_, want) in zip(
-      _leaves_with_names((mt_lc.params, mt_lc.opt_state, mt_lc.teacher_params,
-                          mt_lc.batch_stats, mt_lc.teacher_batch_stats)),
-      _leaves_with_names((mt.params, mt.opt_state, mt.teacher_params, mt.batch_stats,
-                          mt.teacher_batch_stats))):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
+  _states_equal_bitwise(mt_lc, mt)
+  assert mt_lc_metrics['loss'] == mt_metrics['loss']
+
+
+@pytest.mark.parametrize('granularity, lc_start, calls', [
+    # Epochs counted from 1, ten steps each: epoch 3 is steps 20 to 29.
+    ('epoch', 3.0, [(0, 10, False), (10, 10, False), (20, 10, True), (13, 7, False),
+                    (14, 7, True)]),
+    # Per-step epochs: step s is at epoch 1 + s / 10, so epoch 2.5 is step 15.
+    ('step', 2.5, [(0, 10, False), (5, 10, False), (6, 10, True), (15, 1, True)]),
+])
+def test_lc_active_in_a_call_is_t_at_least_t_lc_at_its_last_step(granularity, lc_start, calls):
+  step_config = train_state.StepConfig.from_config(
+      _config(schedule_granularity=granularity, lc_start=lc_start), steps_per_epoch=10)
+  for first_step, num_steps, expected in calls:
+    assert train_state.lc_active_in(step_config, first_step, num_steps) == expected, first_step
+  mt = train_state.StepConfig.from_config(_config(method='mt', lc_start=0), steps_per_epoch=10)
+  assert not train_state.lc_active_in(mt, 100, 10)  # No LC term to compute.
+
+
+def test_unlabeled_labels_change_the_purity_and_nothing_else(initial_state, batch):
+  """The true labels of the unlabelled images serve the diagnostics only: permuting them
+  leaves the new state bitwise equal and moves the purity."""
+  # A fifth of the pairs inside T: a mask of every pair would have the base rate's purity.
+  step_config = train_state.StepConfig.from_config(_config(lc_threshold_quantile=0.2),
+                                                   STEPS_PER_EPOCH)
+  state, metrics = TRAIN_STEP(initial_state, batch, step_config)
+  rng = np.random.default_rng(3)
+  purities = {float(metrics['lc_purity_uu'])}
+  for _ in range(3):
+    permuted = dict(batch, unlabeled_labels=rng.permutation(batch['unlabeled_labels']))
+    other_state, other_metrics = TRAIN_STEP(initial_state, permuted, step_config)
+    _states_equal_bitwise(state, other_state)
+    for name in ('loss', 'lc_loss', 'lc_threshold', 'lc_within_lu', 'lc_within_uu',
+                 'lc_base_rate_uu'):
+      assert metrics[name] == other_metrics[name], name
+    purities.add(float(other_metrics['lc_purity_uu']))
+  assert len(purities) > 1
 
 
 def test_quantile_threshold_is_that_quantile_of_the_unlabeled_batch(model, initial_state, batch):
@@ -436,6 +503,13 @@ def test_quantile_threshold_is_that_quantile_of_the_unlabeled_batch(model, initi
   # The diagonal (d_ii = 0) counts among the unlabelled pairs inside T.
   inside = (N_UNLABELED + 2 * np.sum(np.asarray(pairs) <= threshold)) / N_UNLABELED**2
   np.testing.assert_allclose(metrics['lc_within_uu'], inside, rtol=1e-6)
+  # The purity and the base rate leave the diagonal out.
+  labels = np.asarray(batch['unlabeled_labels'])
+  same = [labels[i] == labels[j] for i in range(N_UNLABELED) for j in range(i + 1, N_UNLABELED)]
+  chosen = np.asarray(pairs) <= threshold
+  np.testing.assert_allclose(metrics['lc_purity_uu'], np.mean(np.asarray(same)[chosen]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics['lc_base_rate_uu'], np.mean(same), rtol=1e-6)
 
 
 def test_teacher_init_copy_and_independent(initial_states):

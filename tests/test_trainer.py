@@ -37,8 +37,9 @@ def test_quickstart_writes_metrics_checkpoints_and_summary(tmp_path):
   records = metrics_log.read_records(tmp_path / 'metrics.jsonl')
   assert [(r['epoch'], r['kind']) for r in records] == [
       (1, 'train'), (1, 'eval'), (2, 'train'), (2, 'eval')]
-  assert {'ce_loss', 'consistency_loss', 'lc_loss', 'lc_within_lu', 'images_per_second'} <= set(
-      records[0])
+  assert {'ce_loss', 'consistency_loss', 'lc_loss', 'lc_within_lu', 'lc_purity_uu',
+          'images_per_second'} <= set(records[0])
+  assert {'test/student_pair_purity', 'test/student_pair_base_rate'} <= set(records[1])
   assert all(np.isfinite(v) for r in records for k, v in r.items() if k != 'kind')
   assert 0.0 <= summary['final/test/teacher_error'] <= 1.0
   assert json.loads((tmp_path / 'summary.json').read_text()) == summary
@@ -99,6 +100,29 @@ def test_runs_with_equal_settings_share_their_compiled_functions():
                                                           width=16, momentum=0.5))
   assert train_fn is not first[0] and predict_fn is not first[1]
   assert model is not first[2] and tx is not first[3]
+
+
+def test_a_run_compiles_one_program_before_lc_start_and_one_from_it(tmp_path):
+  """Epoch 1 runs without the LC term, epoch 2 (LC's first, at weight 0) and 3 with it: two
+  compiled programs in all, which log the same metrics, the pair purity among them."""
+  config = tiny_config(num_epochs=3, lc_start=2, lc_threshold=1.75)  # Its own compiled functions.
+  trainer.train_and_evaluate(config, str(tmp_path))
+  split = input_pipeline.load_split(config)
+  train_fn = experiment.make_train_fn(config, experiment.build_step_config(config, split),
+                                      split.info, experiment.make_mesh())
+  assert train_fn._cache_size() == 2  # pylint: disable=protected-access
+  records = metrics_log.read_records(tmp_path / 'metrics.jsonl')
+  train = [r for r in records if r['kind'] == 'train']
+  assert [r['lc_loss'] > 0 for r in train] == [False, True, True]
+  assert [r['lc_weight'] > 0 for r in train] == [False, False, True]
+  assert len({frozenset(r) for r in train}) == 1
+  assert {'lc_purity_lu', 'lc_base_rate_lu', 'lc_purity_uu', 'lc_base_rate_uu'} <= set(train[0])
+  for record in train:
+    assert 0 <= record['lc_purity_uu'] <= 1 and 0 < record['lc_base_rate_uu'] < 1
+  evals = [r for r in records if r['kind'] == 'eval']
+  for record in evals:  # tiny_config holds out no validation split: the test set's pairs.
+    assert 0 < record['test/student_pair_base_rate'] < 1
+    assert 0 <= record['test/student_pair_purity'] <= 1
 
 
 @pytest.mark.parametrize('key, value, message', [
