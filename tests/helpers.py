@@ -1,10 +1,15 @@
 """Small helpers shared by several test modules."""
 
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
+
+from lcmt_jax.testing.runs import REPO
 
 
 def copy_of_data_dir(cifar10_dir, tmp_path: pathlib.Path):
@@ -41,3 +46,40 @@ def assert_scalars_hold_the_records(workdir: pathlib.Path, scalars: dict) -> Non
   assert scalars.keys() == want.keys()
   for tag, events in want.items():
     np.testing.assert_allclose(scalars[tag], events, rtol=1e-6)  # Written as float32.
+
+
+def load_in_children(module: str, paths: list[str], per_child: int) -> dict[str, dict]:
+  """`{path: result}` of `tests.<module>._load_each(paths)`, run in child processes.
+
+  `_load_each` prints `<stage> <i>` as it starts each stage of file `i` (`start`
+  first) and the file's result as one JSON line (`{'i': i, ...}`) after it. A
+  child that dies in a stage records the death in that file's result (the
+  result `{'crash': 'exit status N'}` at `start`, `result[stage]` later), and
+  the next child goes on after that file: a crash is attributed, not fatal.
+  """
+  results, begin = {}, 0
+  while begin < len(paths):
+    chunk = paths[begin:begin + per_child]
+    child = subprocess.run(
+        [sys.executable, '-c', f'import sys; from tests import {module} as t; '
+         't._load_each(sys.argv[1:])', *chunk], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, 'OPENBLAS_NUM_THREADS': '1'}, check=False)
+    stage = started = None
+    for line in child.stdout.splitlines():
+      if line.startswith('{'):
+        result = json.loads(line)
+        results[chunk[result['i']]] = result
+        stage = None
+      else:
+        stage, started = line.split()[0], int(line.split()[1])
+    if not child.returncode:
+      begin += len(chunk)
+      continue
+    assert stage is not None, child.stderr[-2000:]  # A death between files: a bug here.
+    crash = f'exit status {child.returncode}'
+    if stage == 'start':
+      results[chunk[started]] = {'crash': crash, 'stderr': child.stderr[-500:]}
+    else:
+      results[chunk[started]][stage] = crash
+    begin += started + 1
+  return results

@@ -13,8 +13,6 @@ import pickle
 import pickletools
 import resource
 import struct
-import subprocess
-import sys
 import time
 import traceback
 import types
@@ -23,8 +21,8 @@ import numpy as np
 import pytest
 
 from lcmt_jax import cifar10_pickle
+from tests import helpers
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RECONSTRUCT = np.zeros(0).__reduce__()[0]
 _FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
 
@@ -286,30 +284,8 @@ def _load_each(paths):
 
 
 def _load_in_children(paths, per_child=2000):
-  """`{path: result}` from `_load_each` in child processes; a crash is the result `signal N`."""
-  results, start = {}, 0
-  while start < len(paths):
-    chunk = paths[start:start + per_child]
-    child = subprocess.run(
-        [sys.executable, '-c', 'import sys; from tests import test_cifar10_pickle as t; '
-         't._load_each(sys.argv[1:])', *chunk], cwd=_REPO, capture_output=True, text=True,
-        env={**os.environ, 'OPENBLAS_NUM_THREADS': '1'}, check=False)
-    started = None
-    for line in child.stdout.splitlines():
-      if line.startswith('start '):
-        started = int(line.split()[1])
-      else:
-        result = json.loads(line)
-        results[chunk[result['i']]] = result
-        started = None
-    if child.returncode:
-      assert started is not None, child.stderr[-2000:]
-      results[chunk[started]] = {'crash': f'exit status {child.returncode}',
-                                 'stderr': child.stderr[-500:]}
-      start += started + 1
-    else:
-      start += len(chunk)
-  return results
+  """`{path: result}` from `_load_each` in child processes (`helpers.load_in_children`)."""
+  return helpers.load_in_children('test_cifar10_pickle', paths, per_child)
 
 
 @pytest.mark.parametrize('name', list(CRAFTED))

@@ -14,8 +14,6 @@ import json
 import os
 import resource
 import struct
-import subprocess
-import sys
 import time
 import traceback
 import zlib
@@ -25,8 +23,8 @@ import pytest
 from scipy import io as scipy_io
 
 from lcmt_jax import svhn_mat
+from tests import helpers
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NAMES = ('X', 'y')
 # miINT8..miUINT64: the data element types of numeric data; the array classes by dtype.
 _STORAGE_TYPES = {'i1': 1, 'u1': 2, 'i2': 3, 'u2': 4, 'i4': 5, 'u4': 6, 'f4': 7, 'f8': 9,
@@ -248,33 +246,8 @@ def _load_each(paths):
 
 
 def _load_in_children(paths, per_child=1000):
-  """`{path: result}` from `_load_each` in child processes; a crash is recorded, then skipped."""
-  results, start = {}, 0
-  while start < len(paths):
-    chunk = paths[start:start + per_child]
-    child = subprocess.run(
-        [sys.executable, '-c', 'import sys; from tests import test_svhn_mat as t; '
-         't._load_each(sys.argv[1:])', *chunk], cwd=_REPO, capture_output=True, text=True,
-        env={**os.environ, 'OPENBLAS_NUM_THREADS': '1'}, check=False)
-    started, stage = None, None
-    for line in child.stdout.splitlines():
-      if line.startswith(('start ', 'scipy ')):
-        stage, started = line.split()[0], int(line.split()[1])
-      else:
-        result = json.loads(line)
-        results[chunk[result['i']]] = result
-        stage = None if 'scipy' in result or 'loaded' not in result else stage
-    if child.returncode:
-      assert stage is not None, child.stderr[-2000:]
-      crash = f'exit status {child.returncode}'
-      if stage == 'start':
-        results[chunk[started]] = {'crash': crash, 'stderr': child.stderr[-500:]}
-      else:
-        results[chunk[started]]['scipy'] = crash
-      start += started + 1
-    else:
-      start += len(chunk)
-  return results
+  """`{path: result}` from `_load_each` in child processes (`helpers.load_in_children`)."""
+  return helpers.load_in_children('test_svhn_mat', paths, per_child)
 
 
 @pytest.fixture(scope='module')
