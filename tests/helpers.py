@@ -83,3 +83,12 @@ def load_in_children(module: str, paths: list[str], per_child: int) -> dict[str,
       results[chunk[started]][stage] = crash
     begin += started + 1
   return results
+
+
+def write_numbered(directory: pathlib.Path, blobs) -> list[str]:
+  """Writes each of `blobs` (bytes) to `directory/00000`, `00001`, ...; returns the paths."""
+  paths = []
+  for i, raw in enumerate(blobs):
+    paths.append(str(directory / f'{i:05d}'))
+    pathlib.Path(paths[-1]).write_bytes(raw)
+  return paths

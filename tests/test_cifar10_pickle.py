@@ -349,11 +349,7 @@ def test_fuzzed_batches_never_crash_and_fail_in_one_line(tmp_path):
   batch = _batch(n=1)
   bases = [form(batch) for form in _FORMS.values()]
   files = [*bases, *(raw for raw, _ in CRAFTED.values()), *_mutations(bases, 10_000)]
-  paths = []
-  for i, raw in enumerate(files):
-    paths.append(str(tmp_path / f'{i:05d}'))
-    with open(paths[-1], 'wb') as f:
-      f.write(raw)
+  paths = helpers.write_numbered(tmp_path, files)
   began = time.perf_counter()
   results = _load_in_children(paths)
   elapsed = time.perf_counter() - began

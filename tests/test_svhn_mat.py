@@ -352,11 +352,7 @@ def test_fuzzed_files_never_crash_and_load_as_scipy_loads_them(tmp_path):
   bases = [*stored, _savemat_bytes({'X': x, 'y': y}, True),
            _savemat_bytes({'X': x, 'y': y.astype(np.uint8)}, True)]
   files = [*bases, *_mutations(stored, 4000)]
-  paths = []
-  for i, raw in enumerate(files):
-    paths.append(str(tmp_path / f'{i:05d}'))
-    with open(paths[-1], 'wb') as f:
-      f.write(raw)
+  paths = helpers.write_numbered(tmp_path, files)
   began = time.perf_counter()
   results = _load_in_children(paths)
   elapsed = time.perf_counter() - began
