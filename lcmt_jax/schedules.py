@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Learning-rate schedules (`config.lr_schedule`): the reference's, and FixMatch's for WRN-28-2.
 LR_SCHEDULES = ('linear', 'cosine')
@@ -16,18 +17,21 @@ LR_SCHEDULES = ('linear', 'cosine')
 GRANULARITIES = ('epoch', 'step')
 
 
-def schedule_epoch(step: jax.Array, steps_per_epoch: int, granularity: str) -> jax.Array:
+def schedule_epoch(step: jax.Array | int, steps_per_epoch: int, granularity: str) -> jax.Array:
   """The epoch number the schedules see at optimiser step `step` (0-based).
 
   'epoch': `step // steps_per_epoch + 1`, as the reference; 'step':
-  `step / steps_per_epoch + 1`, which moves every step.
+  `step / steps_per_epoch + 1`, which moves every step. A Python `int` step
+  is computed with NumPy, on the host (the trainer's per-call choices), an
+  array step with `jax.numpy` (inside the compiled step).
   """
   if granularity not in GRANULARITIES:
     raise ValueError(f'schedule granularity must be one of {GRANULARITIES}, '
                      f'got {granularity!r}')
+  xp = np if isinstance(step, int) else jnp
   if granularity == 'epoch':
-    return (jnp.asarray(step) // steps_per_epoch + 1).astype(jnp.float32)
-  return jnp.asarray(step, jnp.float32) / steps_per_epoch + 1.0
+    return (xp.asarray(step) // steps_per_epoch + 1).astype(xp.float32)
+  return xp.asarray(step, xp.float32) / steps_per_epoch + 1.0
 
 
 def sigmoid_rampup(t: jax.Array, length: float) -> jax.Array:

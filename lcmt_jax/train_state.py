@@ -189,9 +189,10 @@ def lc_active_in(cfg: StepConfig, first_step: int, num_steps: int) -> bool:
   """Whether a compiled call of steps `first_step ..` needs the LC term: `[t >= t_LC]`
   (docs/reference.md "Losses") at its last step, epochs only growing.
 
-  Chosen on the host for each call, so a run compiles at most two programs
-  (before LC, with LC) and the steps of neither branch on the device; a call
-  that straddles `lc_start` computes the term, at weight 0 before it.
+  Chosen on the host for each call (in NumPy: no device work), so a run
+  compiles at most two programs (before LC, with LC) and the steps of neither
+  branch on the device; a call that straddles `lc_start` computes the term, at
+  weight 0 before it.
   """
   return bool(cfg.lc_weight) and float(cfg.epoch(first_step + num_steps - 1)) >= cfg.lc_start
 
