@@ -153,11 +153,11 @@ def build_state(config: ml_collections.ConfigDict, info: input_pipeline.DatasetI
                 key: jax.Array) -> train_state.TrainState:
   """The run's freshly initialised train state, replicated over `mesh`."""
   return cached_jit(initial_state, out_shardings=NamedSharding(mesh, PartitionSpec()),
-              model=build_model(config, info.num_classes),
-              tx=train_state.make_optimizer(config, step_config), info=info,
-              labeled_batch_size=config.labeled_batch_size,
-              unlabeled_batch_size=config.unlabeled_batch_size,
-              teacher_init=config.teacher_init)(data, key)
+                    model=build_model(config, info.num_classes),
+                    tx=train_state.make_optimizer(config, step_config), info=info,
+                    labeled_batch_size=config.labeled_batch_size,
+                    unlabeled_batch_size=config.unlabeled_batch_size,
+                    teacher_init=config.teacher_init)(data, key)
 
 
 def run_steps(state: train_state.TrainState, data: dict[str, jax.Array], data_key: jax.Array, *,
@@ -224,19 +224,19 @@ def make_train_fn(config: ml_collections.ConfigDict, step_config: train_state.St
   """
   replicated = NamedSharding(mesh, PartitionSpec())
   return cached_jit(run_steps, out_shardings=(replicated, replicated),
-              static_argnames=('num_steps', 'lc_active'),
-              donate_argnums=0, step_config=step_config, info=info,
-              labeled_batch_size=config.labeled_batch_size,
-              unlabeled_batch_size=config.unlabeled_batch_size,
-              batch_sharding=NamedSharding(mesh, PartitionSpec('data')))
+                    static_argnames=('num_steps', 'lc_active'), donate_argnums=0,
+                    step_config=step_config, info=info,
+                    labeled_batch_size=config.labeled_batch_size,
+                    unlabeled_batch_size=config.unlabeled_batch_size,
+                    batch_sharding=NamedSharding(mesh, PartitionSpec('data')))
 
 
 def make_predict_fn(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
                     mesh: Mesh) -> Callable:
   """`predict` compiled for `mesh`: `fn(state, images) -> predictions and features`."""
   return cached_jit(predict, out_shardings=NamedSharding(mesh, PartitionSpec()),
-              batch_size=config.eval_batch_size, info=info,
-              batch_sharding=NamedSharding(mesh, PartitionSpec('data')))
+                    batch_size=config.eval_batch_size, info=info,
+                    batch_sharding=NamedSharding(mesh, PartitionSpec('data')))
 
 
 def clear_compiled() -> None:
