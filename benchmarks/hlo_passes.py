@@ -400,7 +400,7 @@ def compiled_step_hlo(width: int, dtype: str, labeled_batch: int, unlabeled_batc
   mesh = experiment.make_mesh()
   run = experiment.make_train_fn(config, step_config, input_pipeline.DATASETS['cifar10'], mesh)
   device_data = jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  with throughput._matmul_precision(dtype):  # pylint: disable=protected-access
+  with throughput.matmul_precision(dtype):
     return run.lower(state, device_data, jax.random.key(1), num_steps=2).compile().as_text()
 
 

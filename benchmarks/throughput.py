@@ -118,7 +118,7 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 # --- JAX ----------------------------------------------------------------------------------------
 
-def _matmul_precision(dtype: str):
+def matmul_precision(dtype: str):
   """`float32-highest` is float32 with `jax.default_matmul_precision('highest')`: no TF32."""
   return jax.default_matmul_precision('highest' if dtype.endswith('-highest') else None)
 
@@ -171,7 +171,7 @@ def _time_calls(fn, state, num_calls: int, warmup_calls: int):
 
 def jax_step_row(args, dtype: str) -> Row:
   """`train_step` on one fixed device batch, the timed steps in one scan unless told otherwise."""
-  with _matmul_precision(dtype):
+  with matmul_precision(dtype):
     return _jax_step_row(args, dtype)
 
 
@@ -207,7 +207,7 @@ def jax_epoch_row(args, dtype: str, data: dict[str, np.ndarray], profile_dir: st
   With `profile_dir`, one more epoch runs under `jax.profiler.trace` and its
   summary (`benchmarks.profile_summary`) is printed.
   """
-  with _matmul_precision(dtype):
+  with matmul_precision(dtype):
     return _jax_epoch_row(args, dtype, data, profile_dir)
 
 

@@ -23,9 +23,9 @@ def write_atomically(path: str, data: str | bytes, mode: int = 0o644) -> None:
       os.fsync(f.fileno())
     os.chmod(temporary, mode & ~_umask())
     os.replace(temporary, path)
-  except BaseException:
-    os.unlink(temporary)
-    raise
+  finally:
+    if os.path.lexists(temporary):  # A failed write; after the rename it is gone.
+      os.unlink(temporary)
 
 
 def _umask() -> int:
