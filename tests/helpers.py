@@ -1,5 +1,6 @@
 """Small helpers shared by several test modules."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -7,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
 from lcmt_jax.testing.runs import REPO
@@ -92,3 +94,22 @@ def write_numbered(directory: pathlib.Path, blobs) -> list[str]:
     paths.append(str(directory / f'{i:05d}'))
     pathlib.Path(paths[-1]).write_bytes(raw)
   return paths
+
+
+@contextlib.contextmanager
+def lowered_programs():
+  """The names of the jitted functions JAX lowers inside the block, one per program (cache
+  misses of the in-memory cache; a persistent-cache hit is lowered too), from JAX's public
+  monitoring events."""
+  names = []
+
+  def listener(event: str, duration: float, **kwargs) -> None:
+    del duration
+    if event == '/jax/core/compile/jaxpr_to_mlir_module_duration':
+      names.append(kwargs.get('fun_name'))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

@@ -22,6 +22,7 @@ from lcmt_jax import train_state
 from lcmt_jax import trainer
 from lcmt_jax.testing.runs import REPO, TINY_FLAGS, TINY_SETTINGS, assert_same_run, latest_state
 from tests import conftest
+from tests import helpers
 
 
 
@@ -106,11 +107,9 @@ def test_a_run_compiles_one_program_before_lc_start_and_one_from_it(tmp_path):
   """Epoch 1 runs without the LC term, epoch 2 (LC's first, at weight 0) and 3 with it: two
   compiled programs in all, which log the same metrics, the pair purity among them."""
   config = tiny_config(num_epochs=3, lc_start=2, lc_threshold=1.75)  # Its own compiled functions.
-  trainer.train_and_evaluate(config, str(tmp_path))
-  split = input_pipeline.load_split(config)
-  train_fn = experiment.make_train_fn(config, experiment.build_step_config(config, split),
-                                      split.info, experiment.make_mesh())
-  assert train_fn._cache_size() == 2  # pylint: disable=protected-access
+  with helpers.lowered_programs() as lowered:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert lowered.count('jit(run_steps)') == 2
   records = metrics_log.read_records(tmp_path / 'metrics.jsonl')
   train = [r for r in records if r['kind'] == 'train']
   assert [r['lc_loss'] > 0 for r in train] == [False, True, True]
