@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from typing import Callable
 
 import jax
 import numpy as np
@@ -113,3 +114,14 @@ def lowered_programs():
     yield names
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def damage_bytes(raw: bytearray, kind: int, position: Callable[[], int],
+                 rng: np.random.RandomState) -> None:
+  """A fuzz mutation of 1 to 3 bytes at `position()`: kind 0 flips a bit, kind 1 sets the byte
+  to an edge value (each draws from `rng` in the order the fuzz tests' counts were taken)."""
+  for _ in range(rng.randint(1, 4)):
+    if kind == 0:
+      raw[position()] ^= 1 << rng.randint(8)
+    else:
+      raw[position()] = rng.choice([0, 1, 0x7f, 0x80, 0xff, rng.randint(256)])

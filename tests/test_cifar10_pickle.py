@@ -320,12 +320,8 @@ def _mutations(bases, count, seed=0):
     kind = rng.randint(7)
     position = lambda: structure[rng.randint(len(structure))] if rng.rand() < 0.8 else (
         rng.randint(len(raw)))
-    if kind == 0:
-      for _ in range(rng.randint(1, 4)):
-        raw[position()] ^= 1 << rng.randint(8)
-    elif kind == 1:
-      for _ in range(rng.randint(1, 4)):
-        raw[position()] = rng.choice([0, 1, 0x7f, 0x80, 0xff, rng.randint(256)])
+    if kind in (0, 1):
+      helpers.damage_bytes(raw, kind, position, rng)
     elif kind == 2:
       del raw[rng.randint(len(raw)):]
     else:

@@ -299,12 +299,8 @@ def _mutate(raw, rng):
   position = lambda: structure[rng.randint(len(structure))] if rng.rand() < 0.85 else (
       rng.randint(len(raw)))
   kind = rng.randint(5)
-  if kind == 0:
-    for _ in range(rng.randint(1, 4)):
-      raw[position()] ^= 1 << rng.randint(8)
-  elif kind == 1:
-    for _ in range(rng.randint(1, 4)):
-      raw[position()] = rng.choice([0, 1, 0x7f, 0x80, 0xff, rng.randint(256)])
+  if kind in (0, 1):
+    helpers.damage_bytes(raw, kind, position, rng)
   elif kind == 2:
     at = position() & ~3
     raw[at:at + 4] = struct.pack('<I', int(rng.choice(_FIELD_VALUES)))
