@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import pickletools
-import resource
 import struct
 import time
 import traceback
@@ -261,10 +260,7 @@ def _load_each(paths):
   The limit is this process's address space now plus 16 MiB and 32 times the
   largest file: the reader's own bound is a few times a file's size.
   """
-  with open('/proc/self/status') as f:
-    vm_size = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmSize'))
-  limit = vm_size + (16 << 20) + 32 * max(os.path.getsize(p) for p in paths)
-  resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+  helpers.cap_address_space(paths)
   for i, path in enumerate(paths):
     print(f'start {i}', flush=True)
     with open(path, 'rb') as f:

@@ -12,7 +12,6 @@ behind its own marker.
 import io
 import json
 import os
-import resource
 import struct
 import time
 import traceback
@@ -216,10 +215,7 @@ def _load_each(paths):
   file's size (a compressed file's data may inflate 1032-fold, and these hold
   random pixels).
   """
-  with open('/proc/self/status') as f:
-    vm_size = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmSize'))
-  limit = vm_size + (16 << 20) + 32 * max(os.path.getsize(p) for p in paths)
-  resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+  helpers.cap_address_space(paths)
   for i, path in enumerate(paths):
     print(f'start {i}', flush=True)
     result = {'i': i}
