@@ -163,6 +163,10 @@ def base_config(variant: str = 'faithful') -> ml_collections.ConfigDict:
   # neighbours: pairs (student f_i, teacher f_j), the mask from their distances;
   # 'student' pairs the student's features among themselves.
   config.lc_pull = 'student'
+  # 'teacher_agreement' weighs each pair inside T by the teacher's probability that its two
+  # images share a class (p_j[y_i] for labelled i, p_i . p_j for unlabelled ones), so LC pulls
+  # the pairs the teacher believes are one class; 'none' weighs them all 1.
+  config.lc_pair_weight = 'none'
 
   # Optimiser (docs/reference.md "Optimiser and schedule").
   config.learning_rate = 0.05

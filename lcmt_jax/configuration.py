@@ -82,6 +82,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'lc_threshold_quantile': _number_in(0.0, 1.0, high_open=True),
     'lc_features': _one_of(*losses.LC_FEATURES),
     'lc_pull': _one_of(*losses.LC_PULLS),
+    'lc_pair_weight': _one_of(*losses.LC_PAIR_WEIGHTS),
     'learning_rate': _number_in(0.0, _INF, low_open=True, high_open=True),
     'momentum': _number_in(0.0, 1.0, high_open=True),
     'nesterov': _BOOL,

@@ -46,6 +46,7 @@ MIN_THRESHOLD = float(np.finfo(np.float32).tiny)
 # How the LC term sees the features (docs/reference.md "Losses" is 'raw' / 'student').
 LC_FEATURES = ('raw', 'normalized')
 LC_PULLS = ('student', 'teacher')
+LC_PAIR_WEIGHTS = ('none', 'teacher_agreement')
 
 
 def pairwise_mean_squared_distances(a: jax.Array, b: jax.Array,
@@ -86,15 +87,16 @@ def unit_scaled(features: jax.Array) -> jax.Array:
   return jnp.where(nonzero, features * scale, 0.0)
 
 
-class PairDistances(NamedTuple):
-  """The distances the LC term acts on: the rows are the pulled features, the columns their targets."""
+class LcPairs(NamedTuple):
+  """One value per pair of the LC term (a distance, a weight): the rows are the pulled
+  features, the columns their targets."""
 
   lu: jax.Array  # (n_L, n_U): each labelled image against the unlabelled targets.
   uu: jax.Array  # (n_U, n_U): each unlabelled image against the unlabelled targets.
 
 
 def lc_distances(labeled: jax.Array, unlabeled: jax.Array, teacher_unlabeled: jax.Array | None,
-                 *, features: str = 'raw', pull: str = 'student') -> PairDistances:
+                 *, features: str = 'raw', pull: str = 'student') -> LcPairs:
   """The student's features against the LC targets, as `features` and `pull` choose.
 
   'raw' and 'student' are the reference: `P(h(L), h(U)) + P(h(U), h(U))`,
@@ -110,8 +112,8 @@ def lc_distances(labeled: jax.Array, unlabeled: jax.Array, teacher_unlabeled: ja
   targets = unlabeled if pull == 'student' else jax.lax.stop_gradient(teacher_unlabeled)
   if features == 'normalized':
     labeled, unlabeled, targets = map(unit_scaled, (labeled, unlabeled, targets))
-  return PairDistances(pairwise_mean_squared_distances(labeled, targets),
-                       pairwise_mean_squared_distances(unlabeled, targets))
+  return LcPairs(pairwise_mean_squared_distances(labeled, targets),
+                 pairwise_mean_squared_distances(unlabeled, targets))
 
 
 def off_diagonal(distances: jax.Array, symmetric: bool) -> jax.Array:
@@ -138,17 +140,38 @@ def within_threshold(distances: jax.Array, threshold: float | jax.Array) -> jax.
   return jax.lax.stop_gradient((distances <= threshold).astype(jnp.float32))
 
 
-def clustering_loss_of_distances(distances: jax.Array, threshold: float | jax.Array) -> jax.Array:
+def teacher_agreement(labels: jax.Array, teacher_logits_unlabeled: jax.Array) -> LcPairs:
+  """Each LC pair's probability of sharing a class, by the teacher, as constant weights.
+
+  Not in the reference. LC's pairs inside `T` share a class 3 to 5 times as
+  often as chance but are still mostly of two classes (RESULTS.md, "LC
+  diagnostics"); these weights pull a pair in proportion to how likely the
+  teacher thinks it is one class: `p_j[y_i]` for a labelled image of label
+  `y_i` against unlabelled image `j`, `p_i . p_j` for two unlabelled ones,
+  with `p` the teacher's softmax. Only the labelled images' labels are used.
+  """
+  probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits_unlabeled).astype(jnp.float32))
+  one_hot = jax.nn.one_hot(labels, probs.shape[-1], dtype=jnp.float32)
+  return LcPairs(jnp.matmul(one_hot, probs.T, precision='highest'),
+                 jnp.matmul(probs, probs.T, precision='highest'))
+
+
+def clustering_loss_of_distances(distances: jax.Array, threshold: float | jax.Array,
+                                 weights: jax.Array | None = None) -> jax.Array:
   """`sum(d * m * exp(-d / T)) / sum(m)` with `m = [d <= T]`: docs/reference.md's `P(A, B)`.
 
   Pulls together the pairs that are already close, weighting nearer pairs
   more; the gradient flows through both factors of `d`. Where no pair is
   within the threshold the reference divides 0 by 0 (NaN, docs/reference.md
-  quirk 4); here the loss and its gradient are 0.
+  quirk 4); here the loss and its gradient are 0. `weights` (constants, not
+  in the reference) multiply `m`: the loss is then their weighted mean.
   """
   mask = within_threshold(distances, threshold)
+  if weights is not None:
+    mask = mask * jax.lax.stop_gradient(weights)
   total = jnp.sum(distances * mask * jnp.exp(-distances / threshold))
-  return total / jnp.maximum(jnp.sum(mask), 1.0)
+  mass = jnp.sum(mask)
+  return total / jnp.where(mass > 0, mass, 1.0)
 
 
 def pairwise_clustering_loss(a: jax.Array, b: jax.Array, threshold: float | jax.Array) -> jax.Array:
@@ -162,10 +185,13 @@ def local_clustering_loss(labeled_features: jax.Array, unlabeled_features: jax.A
   return lc_loss_of_distances(lc_distances(labeled_features, unlabeled_features, None), threshold)
 
 
-def lc_loss_of_distances(distances: PairDistances, threshold: float | jax.Array) -> jax.Array:
-  """The LC term `P` of the labelled-unlabelled plus that of the unlabelled-unlabelled pairs."""
-  return (clustering_loss_of_distances(distances.lu, threshold)
-          + clustering_loss_of_distances(distances.uu, threshold))
+def lc_loss_of_distances(distances: LcPairs, threshold: float | jax.Array,
+                         weights: LcPairs | None = None) -> jax.Array:
+  """The LC term `P` of the labelled-unlabelled plus that of the unlabelled-unlabelled pairs,
+  each pair weighted by `weights` if given (`teacher_agreement`)."""
+  weights = weights or LcPairs(None, None)
+  return (clustering_loss_of_distances(distances.lu, threshold, weights.lu)
+          + clustering_loss_of_distances(distances.uu, threshold, weights.uu))
 
 
 def fraction_within_threshold(a: jax.Array, b: jax.Array,
@@ -178,8 +204,9 @@ def pair_purity(within: jax.Array, labels_a: jax.Array, labels_b: jax.Array, *,
                 exclude_diagonal: bool = False) -> tuple[jax.Array, jax.Array]:
   """`(purity, base rate)` of a pair mask: whether LC pulls images of one class together.
 
-  `within[i, j]` (0 or 1) marks the pairs inside `T`; the purity is the
-  fraction of them whose two images share a class, the base rate that
+  `within[i, j]` (0 or 1) marks the pairs inside `T`, or weighs them (a mask
+  times `teacher_agreement`); the purity is the (weighted) fraction of them
+  whose two images share a class, the base rate that
   fraction over all pairs (about 1 / classes for balanced classes): the
   purity of a mask that picks pairs at random. `exclude_diagonal` leaves the
   pairs `i == j` of a square mask out of both: an image paired with itself
@@ -191,7 +218,8 @@ def pair_purity(within: jax.Array, labels_a: jax.Array, labels_b: jax.Array, *,
   if exclude_diagonal:
     counted = counted - jnp.eye(*same.shape, dtype=jnp.float32)
   within = jax.lax.stop_gradient(within) * counted
-  purity = jnp.sum(within * same) / jnp.maximum(jnp.sum(within), 1.0)
+  mass = jnp.sum(within)
+  purity = jnp.sum(within * same) / jnp.where(mass > 0, mass, 1.0)
   return purity, jnp.sum(same * counted) / jnp.sum(counted)
 
 

@@ -57,6 +57,7 @@ class StepConfig:
   lc_threshold_quantile: float  # 0: the fixed lc_threshold; else T from each batch.
   lc_features: str  # losses.LC_FEATURES: 'raw' (the reference) | 'normalized'.
   lc_pull: str  # losses.LC_PULLS: 'student' (the reference) | 'teacher'.
+  lc_pair_weight: str  # losses.LC_PAIR_WEIGHTS: 'none' (the reference) | 'teacher_agreement'.
   ema_decay: float
   joint_forward: bool
   use_unlabeled: bool  # False for the supervised-only baseline.
@@ -80,6 +81,7 @@ class StepConfig:
         lc_threshold_quantile=float(config.lc_threshold_quantile),
         lc_features=config.lc_features,
         lc_pull=config.lc_pull,
+        lc_pair_weight=config.lc_pair_weight,
         ema_decay=float(config.ema_decay),
         joint_forward=bool(config.joint_forward),
         use_unlabeled=semi_supervised,
@@ -233,8 +235,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], cfg: StepConfig,
           logits_l, teacher_logits_l, logits_u, teacher_logits_u)
     if compute_lc:
       with jax.named_scope('local_clustering'):
-        pairs = _lc_pairs(cfg, feats_l, feats_u, teacher_u[1])
-        terms['lc_loss'] = losses.lc_loss_of_distances(pairs[0], pairs[1])
+        pairs = _lc_pairs(cfg, feats_l, feats_u, teacher_u, batch['labels'])
+        terms['lc_loss'] = losses.lc_loss_of_distances(*pairs)
     elif cfg.lc_weight:
       terms['lc_loss'] = jnp.zeros((), jnp.float32)  # Both programs of a run log the same keys.
     total = (terms['ce_loss'] + consistency_weight * terms.get('consistency_loss', 0.0)
@@ -268,37 +270,54 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], cfg: StepConfig,
       # The pairs inside T of the method's threshold, whether or not LC is on (Mean Teacher:
       # the config's T), from constants: nothing here reaches the loss.
       if pairs is None:
-        pairs = _lc_pairs(cfg, *jax.lax.stop_gradient((feats_l, student_u[1], teacher_u[1])))
+        pairs = _lc_pairs(cfg, *jax.lax.stop_gradient((feats_l, student_u[1], teacher_u)),
+                          batch['labels'])
       metrics.update(lc_diagnostics(*jax.lax.stop_gradient(pairs), batch))
   return state, metrics
 
 
 def _lc_pairs(cfg: StepConfig, feats_l: jax.Array, feats_u: jax.Array,
-              teacher_feats_u: jax.Array) -> tuple[losses.PairDistances, jax.Array]:
-  """The LC term's pair distances and its threshold `T`."""
+              teacher_u: tuple[jax.Array, jax.Array], labels: jax.Array,
+              ) -> tuple[losses.LcPairs, jax.Array, losses.LcPairs | None]:
+  """The LC term's pair distances, its threshold `T` and its pair weights (None: all 1).
+
+  `teacher_u` is the teacher's `(logits, features)` of the unlabelled images.
+  """
+  teacher_logits_u, teacher_feats_u = teacher_u
   distances = losses.lc_distances(feats_l, feats_u, teacher_feats_u, features=cfg.lc_features,
                                   pull=cfg.lc_pull)
-  return distances, jnp.asarray(lc_threshold(cfg, distances.uu), jnp.float32)
+  weights = None
+  if cfg.lc_pair_weight == 'teacher_agreement':
+    weights = losses.teacher_agreement(labels, teacher_logits_u)
+  return distances, jnp.asarray(lc_threshold(cfg, distances.uu), jnp.float32), weights
 
 
-def lc_diagnostics(distances: losses.PairDistances, threshold: jax.Array,
+def lc_diagnostics(distances: losses.LcPairs, threshold: jax.Array,
+                   weights: losses.LcPairs | None,
                    batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """T, the fractions of pairs inside it and, given the unlabelled images' true labels,
   its pair purity beside the base rate (`losses.pair_purity`).
 
   'lc_within_uu' counts the uu diagonal as the loss does; the purity and base
-  rate leave it out (an image, or its teacher view, paired with itself).
+  rate leave it out (an image, or its teacher view, paired with itself). With
+  pair `weights`, 'lc_weighted_purity_*' is the purity of the pull the loss
+  applies: each pair inside `T` counted by its weight.
   """
   within_lu = losses.within_threshold(distances.lu, threshold)
   within_uu = losses.within_threshold(distances.uu, threshold)
   metrics = {'lc_threshold': threshold, 'lc_within_lu': jnp.mean(within_lu),
              'lc_within_uu': jnp.mean(within_uu)}
   if 'unlabeled_labels' in batch:
-    labels_u = batch['unlabeled_labels']
+    labels_l, labels_u = batch['labels'], batch['unlabeled_labels']
     metrics['lc_purity_lu'], metrics['lc_base_rate_lu'] = losses.pair_purity(
-        within_lu, batch['labels'], labels_u)
+        within_lu, labels_l, labels_u)
     metrics['lc_purity_uu'], metrics['lc_base_rate_uu'] = losses.pair_purity(
         within_uu, labels_u, labels_u, exclude_diagonal=True)
+    if weights is not None:
+      metrics['lc_weighted_purity_lu'], _ = losses.pair_purity(
+          within_lu * weights.lu, labels_l, labels_u)
+      metrics['lc_weighted_purity_uu'], _ = losses.pair_purity(
+          within_uu * weights.uu, labels_u, labels_u, exclude_diagonal=True)
   return metrics
 
 

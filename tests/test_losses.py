@@ -335,3 +335,59 @@ def test_pair_purity_matches_counting_pairs(exclude_diagonal):
   np.testing.assert_allclose(base_rate, same_total / total, rtol=1e-6)
   empty, _ = losses.pair_purity(jnp.zeros((10, 10)), jnp.asarray(labels), jnp.asarray(labels))
   assert float(empty) == 0.0
+
+
+def test_teacher_agreement_weighted_loss_matches_the_double_loop():
+  """`lc_pair_weight='teacher_agreement'`: each pair inside T weighs `p_j[y_i]` (labelled i) or
+  `p_i . p_j` (unlabelled i), p the teacher's softmax; the loss is their weighted mean, and no
+  gradient reaches the teacher's logits."""
+  rng = np.random.default_rng(14)
+  labeled, unlabeled = (rng.normal(scale=3.0, size=(n, 6)).astype(np.float32) for n in (4, 9))
+  labels = rng.integers(0, 5, size=4)
+  teacher_logits = rng.normal(scale=2.0, size=(9, 5)).astype(np.float32)
+  p = _np_softmax(teacher_logits)
+  threshold = _threshold_in_gap(_np_distances(unlabeled, unlabeled), 0.4)
+
+  def weighted_pair_loss(a, weight_of):
+    numerator = mass = 0.0
+    for i in range(a.shape[0]):
+      for j in range(unlabeled.shape[0]):
+        d = np.mean((a[i].astype(np.float64) - unlabeled[j]) ** 2)
+        if d <= threshold:
+          numerator += weight_of(i, j) * d * np.exp(-d / threshold)
+          mass += weight_of(i, j)
+    return numerator / mass
+
+  expected = (weighted_pair_loss(labeled, lambda i, j: p[j, labels[i]])
+              + weighted_pair_loss(unlabeled, lambda i, j: p[i] @ p[j]))
+
+  def loss(labeled, unlabeled, teacher_logits):
+    weights = losses.teacher_agreement(jnp.asarray(labels), teacher_logits)
+    return losses.lc_loss_of_distances(losses.lc_distances(labeled, unlabeled, None), threshold,
+                                       weights), weights
+
+  (value, weights), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      *map(jnp.asarray, (labeled, unlabeled, teacher_logits)))
+  np.testing.assert_allclose(weights.lu, p[:, labels].T, rtol=1e-5)
+  np.testing.assert_allclose(weights.uu, p @ p.T, rtol=1e-5)
+  np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+  unweighted = losses.lc_loss_of_distances(
+      losses.lc_distances(*map(jnp.asarray, (labeled, unlabeled)), None), threshold)
+  assert abs(float(unweighted) - expected) > 1e-3 * expected  # The weights matter here.
+  assert np.abs(grads[0]).max() > 1e-4 and np.abs(grads[1]).max() > 1e-4
+  np.testing.assert_array_equal(grads[2], 0.0)
+
+
+def test_pair_purity_of_weighted_pairs_is_the_weighted_fraction_of_one_class():
+  rng = np.random.default_rng(15)
+  labels = rng.integers(0, 3, size=8)
+  weights = rng.uniform(size=(8, 8)) * (rng.uniform(size=(8, 8)) < 0.5)
+  same = mass = 0.0
+  for i in range(8):
+    for j in range(8):
+      if i != j:
+        mass += weights[i, j]
+        same += weights[i, j] * (labels[i] == labels[j])
+  purity, _ = losses.pair_purity(jnp.asarray(weights, jnp.float32), jnp.asarray(labels),
+                                 jnp.asarray(labels), exclude_diagonal=True)
+  np.testing.assert_allclose(purity, same / mass, rtol=1e-5)

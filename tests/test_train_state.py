@@ -49,6 +49,7 @@ def _config(**overrides):
       'lc_threshold_quantile': 0.0,
       'lc_features': 'raw',
       'lc_pull': 'student',
+      'lc_pair_weight': 'none',
       'ema_decay': 0.9,
       'joint_forward': False,
       'weight_decay_params': 'all',
@@ -163,7 +164,8 @@ def _oracle_loss(model, params, teacher_params, batch_stats, teacher_batch_stats
            + consistency_weight * losses.consistency_loss(zl, tl, zu, tu)
            + lc_weight * losses.local_clustering_loss(fl, fu, threshold))
   return total, {'student_after_labeled': after_labeled, 'student_after_both': after_both,
-                 'teacher_after_both': teacher_after_both, 'unlabeled_features': fu}
+                 'teacher_after_both': teacher_after_both, 'labeled_features': fl,
+                 'unlabeled_features': fu, 'teacher_unlabeled_logits': tu}
 
 
 @pytest.fixture(scope='module')
@@ -463,12 +465,13 @@ def test_lc_active_in_a_call_is_t_at_least_t_lc_at_its_last_step(granularity, lc
   assert not train_state.lc_active_in(mt, 100, 10)  # No LC term to compute.
 
 
-def test_unlabeled_labels_change_the_purity_and_nothing_else(initial_state, batch):
+@pytest.mark.parametrize('lc_pair_weight', ['none', 'teacher_agreement'])
+def test_unlabeled_labels_change_the_purity_and_nothing_else(initial_state, batch, lc_pair_weight):
   """The true labels of the unlabelled images serve the diagnostics only: permuting them
   leaves the new state bitwise equal and moves the purity."""
   # A fifth of the pairs inside T: a mask of every pair would have the base rate's purity.
-  step_config = train_state.StepConfig.from_config(_config(lc_threshold_quantile=0.2),
-                                                   STEPS_PER_EPOCH)
+  step_config = train_state.StepConfig.from_config(
+      _config(lc_threshold_quantile=0.2, lc_pair_weight=lc_pair_weight), STEPS_PER_EPOCH)
   state, metrics = TRAIN_STEP(initial_state, batch, step_config)
   rng = np.random.default_rng(3)
   purities = {float(metrics['lc_purity_uu'])}
@@ -509,6 +512,41 @@ def test_quantile_threshold_is_that_quantile_of_the_unlabeled_batch(model, initi
   np.testing.assert_allclose(metrics['lc_purity_uu'], np.mean(np.asarray(same)[chosen]),
                              rtol=1e-6)
   np.testing.assert_allclose(metrics['lc_base_rate_uu'], np.mean(same), rtol=1e-6)
+
+
+def test_teacher_agreement_weights_the_steps_lc_pairs(model, initial_state, batch):
+  """`lc_pair_weight='teacher_agreement'`: the step's LC term and weighted purity are those of
+  a NumPy double loop over the oracle's features and teacher logits."""
+  config = _config(lc_threshold_quantile=0.3, lc_pair_weight='teacher_agreement')
+  _, metrics = TRAIN_STEP(initial_state, batch,
+                          train_state.StepConfig.from_config(config, STEPS_PER_EPOCH))
+  state = initial_state
+  _, aux = jax.jit(functools.partial(_oracle_loss, model))(
+      state.params, state.teacher_params, state.batch_stats, state.teacher_batch_stats, batch,
+      *_hand_weights(0, config), 1.0)
+  fl, fu = (np.asarray(aux[k], np.float64) for k in ('labeled_features', 'unlabeled_features'))
+  p = np.exp(np.asarray(aux['teacher_unlabeled_logits'], np.float64))
+  p /= p.sum(axis=1, keepdims=True)
+  labels, labels_u = np.asarray(batch['labels']), np.asarray(batch['unlabeled_labels'])
+  d = lambda a, b: np.mean((a - b) ** 2)
+  threshold = np.quantile([d(fu[i], fu[j]) for i in range(N_UNLABELED)
+                           for j in range(i + 1, N_UNLABELED)], 0.3)
+  lc_loss, same, mass = 0.0, 0.0, 0.0
+  for rows, weight_of in ((fl, lambda i, j: p[j, labels[i]]), (fu, lambda i, j: p[i] @ p[j])):
+    numerator = denominator = 0.0
+    for i, row in enumerate(rows):
+      for j in range(N_UNLABELED):
+        if d(row, fu[j]) <= threshold:
+          numerator += weight_of(i, j) * d(row, fu[j]) * np.exp(-d(row, fu[j]) / threshold)
+          denominator += weight_of(i, j)
+          if rows is fu and i != j:
+            same += weight_of(i, j) * (labels_u[i] == labels_u[j])
+            mass += weight_of(i, j)
+    lc_loss += numerator / denominator
+  np.testing.assert_allclose(metrics['lc_threshold'], threshold, rtol=1e-5)
+  np.testing.assert_allclose(metrics['lc_loss'], lc_loss, rtol=1e-4)
+  np.testing.assert_allclose(metrics['lc_weighted_purity_uu'], same / mass, rtol=1e-4)
+  assert 'lc_weighted_purity_lu' in metrics
 
 
 def test_teacher_init_copy_and_independent(initial_states):
