@@ -286,6 +286,9 @@ def _lc_pairs(cfg: StepConfig, feats_l: jax.Array, feats_u: jax.Array,
   teacher_logits_u, teacher_feats_u = teacher_u
   distances = losses.lc_distances(feats_l, feats_u, teacher_feats_u, features=cfg.lc_features,
                                   pull=cfg.lc_pull)
+  if cfg.lc_pair_weight not in losses.LC_PAIR_WEIGHTS:
+    raise ValueError(f'lc_pair_weight must be one of {losses.LC_PAIR_WEIGHTS}, '
+                     f'got {cfg.lc_pair_weight!r}')
   weights = None
   if cfg.lc_pair_weight == 'teacher_agreement':
     weights = losses.teacher_agreement(labels, teacher_logits_u)

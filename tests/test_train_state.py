@@ -549,6 +549,13 @@ def test_teacher_agreement_weights_the_steps_lc_pairs(model, initial_state, batc
   assert 'lc_weighted_purity_lu' in metrics
 
 
+def test_unknown_lc_pair_weight_is_rejected(initial_state, batch):
+  step_config = train_state.StepConfig.from_config(_config(lc_pair_weight='teacher'),
+                                                   STEPS_PER_EPOCH)
+  with pytest.raises(ValueError, match='lc_pair_weight must be one of'):
+    TRAIN_STEP(initial_state, batch, step_config)
+
+
 def test_teacher_init_copy_and_independent(initial_states):
   initial_state, copied = initial_states
   for (name, student), (_, teacher) in zip(
