@@ -141,7 +141,8 @@ def within_threshold(distances: jax.Array, threshold: float | jax.Array) -> jax.
 
 
 def teacher_agreement(labels: jax.Array, teacher_logits_unlabeled: jax.Array) -> LcPairs:
-  """Each LC pair's probability of sharing a class, by the teacher, as constant weights.
+  """Each LC pair's probability of sharing a class, by the teacher: weights the LC loss
+  holds constant (`clustering_loss_of_distances`).
 
   Not in the reference. LC's pairs inside `T` share a class 3 to 5 times as
   often as chance but are still mostly of two classes (RESULTS.md, "LC
@@ -150,7 +151,7 @@ def teacher_agreement(labels: jax.Array, teacher_logits_unlabeled: jax.Array) ->
   `y_i` against unlabelled image `j`, `p_i . p_j` for two unlabelled ones,
   with `p` the teacher's softmax. Only the labelled images' labels are used.
   """
-  probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits_unlabeled).astype(jnp.float32))
+  probs = jax.nn.softmax(teacher_logits_unlabeled.astype(jnp.float32))
   one_hot = jax.nn.one_hot(labels, probs.shape[-1], dtype=jnp.float32)
   return LcPairs(jnp.matmul(one_hot, probs.T, precision='highest'),
                  jnp.matmul(probs, probs.T, precision='highest'))
@@ -189,9 +190,9 @@ def lc_loss_of_distances(distances: LcPairs, threshold: float | jax.Array,
                          weights: LcPairs | None = None) -> jax.Array:
   """The LC term `P` of the labelled-unlabelled plus that of the unlabelled-unlabelled pairs,
   each pair weighted by `weights` if given (`teacher_agreement`)."""
-  weights = weights or LcPairs(None, None)
-  return (clustering_loss_of_distances(distances.lu, threshold, weights.lu)
-          + clustering_loss_of_distances(distances.uu, threshold, weights.uu))
+  weights_lu, weights_uu = (None, None) if weights is None else weights
+  return (clustering_loss_of_distances(distances.lu, threshold, weights_lu)
+          + clustering_loss_of_distances(distances.uu, threshold, weights_uu))
 
 
 def fraction_within_threshold(a: jax.Array, b: jax.Array,
