@@ -21,8 +21,13 @@ from lcmt_jax import input_pipeline
 RESUMABLE_KEYS = frozenset({'data_dir', 'cache_dir', 'num_epochs', 'steps_per_call',
                             'eval_every_epochs', 'eval_batch_size', 'checkpoint_every_epochs',
                             'progress_bar'})
-# Keys added after runs were recorded, with the value that reproduces those runs.
-ADDED_KEYS = {'lr_schedule': 'linear'}
+# Keys added to the config after runs were first recorded, each with the value that
+# reproduces those runs: a config.json without them reads as if it held these.
+ADDED_KEYS = {
+    'cache_dir': '', 'image_size': 32, 'random_flip': None, 'image_mean': [], 'image_std': [],
+    'lc_threshold_quantile': 0.0, 'lc_features': 'raw', 'lc_pull': 'student',
+    'lc_pair_weight': 'none', 'lr_schedule': 'linear', 'model': 'convlarge',
+}
 
 
 class RunNotFoundError(errors.UserInputError):

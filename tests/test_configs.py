@@ -5,6 +5,7 @@ about a second.
 """
 
 import importlib
+import json
 import math
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from configs import default
 from lcmt_jax import configuration
 from lcmt_jax import train_state
+from lcmt_jax import workdir
 
 CONFIG_FILES = ('cifar10', 'cifar10_mt', 'svhn', 'svhn_mt')
 
@@ -324,3 +326,33 @@ def test_wrn_width_must_be_a_multiple_of_8():
     configuration.validate(config)
   config.model = 'convlarge'  # ConvLarge takes any width.
   configuration.validate(config)
+
+
+# The keys config.json held when train.py first wrote it; every later key needs an
+# entry in workdir.ADDED_KEYS, or older runs could no longer be resumed or evaluated.
+FIRST_RECORDED_KEYS = {
+    'bn_momentum', 'checkpoint_every_epochs', 'compute_dtype', 'consistency_rampup',
+    'consistency_weight', 'data_dir', 'dataset', 'decay_end', 'decay_start', 'dropout_rate',
+    'ema_decay', 'eval_batch_size', 'eval_every_epochs', 'joint_forward', 'labeled_batch_size',
+    'labeled_per_class', 'lc_rampup', 'lc_start', 'lc_threshold', 'lc_weight', 'learning_rate',
+    'method', 'momentum', 'nesterov', 'num_epochs', 'progress_bar', 'schedule_granularity',
+    'seed', 'selection', 'split_seed', 'steps_per_call', 'teacher_init',
+    'unlabeled_batch_size', 'validation_per_class', 'weight_decay', 'weight_decay_params',
+    'width'}
+
+
+def test_every_key_added_since_the_first_config_json_has_its_old_value():
+  added = set(default.base_config()) - FIRST_RECORDED_KEYS
+  assert added == set(workdir.ADDED_KEYS), (
+      'give each new config key an entry in workdir.ADDED_KEYS: the value that reproduces '
+      'runs recorded before it')
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_a_run_recorded_before_the_added_keys_resumes_and_loads_unchanged(name, tmp_path):
+  config = _load(name)
+  recorded = {k: v for k, v in json.loads(config.to_json_best_effort()).items()
+              if k not in workdir.ADDED_KEYS}
+  (tmp_path / 'config.json').write_text(json.dumps(recorded))
+  assert workdir.check_config(config, str(tmp_path), allow_config_change=False) == []
+  assert workdir.load_config(str(tmp_path)).to_dict() == json.loads(config.to_json_best_effort())
