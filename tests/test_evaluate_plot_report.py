@@ -1,6 +1,7 @@
 """evaluate, plot and report on one tiny real run (digits, width 8, one epoch)."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from sklearn import metrics as sk_metrics
 
 from lcmt_jax import checkpointing
+from lcmt_jax import errors
 from lcmt_jax import eval_metrics
 from lcmt_jax import evaluate
 from lcmt_jax import experiment
@@ -205,7 +207,7 @@ def test_pca_projection_equals_scikit_learn_up_to_sign():
   np.testing.assert_allclose(points * signs, expected, atol=1e-8)
 
 
-def _fake_run(root, name, dataset, method, seed, errors):
+def _fake_run(root, name, dataset, method, seed, errors, config=None):
   workdir = root / name
   workdir.mkdir(parents=True)
   summary = {'dataset': dataset, 'method': method, 'seed': seed, 'epochs': 30, 'best_epoch': 25,
@@ -213,6 +215,14 @@ def _fake_run(root, name, dataset, method, seed, errors):
   for key, value in zip([k for k, _ in report.COLUMNS], errors):
     summary[key] = value
   (workdir / 'summary.json').write_text(json.dumps(summary))
+  if config is not None:
+    config = {'dataset': dataset, 'method': method, 'seed': seed, **config}
+    (workdir / 'config.json').write_text(json.dumps(config))
+
+
+def _table_rows(text, first_column):
+  return [[c.strip() for c in line.split('|')[1:-1]]
+          for line in text.splitlines() if line.startswith(f'| {first_column}')]
 
 
 def test_report_aggregates_seeds_to_mean_and_std(tmp_path):
@@ -223,11 +233,57 @@ def test_report_aggregates_seeds_to_mean_and_std(tmp_path):
   _fake_run(tmp_path / 'b' / 'deeper', 'mt_seed1', 'digits', 'mt', 1, [0.14, 0.20, 0.09, 0.33])
   _fake_run(tmp_path / 'a', 'sup_seed0', 'digits', 'supervised', 0, [0.5, 0.6, 0.4, 0.45])
   table = report.report([str(tmp_path / 'a'), str(tmp_path / 'b')])
-  rows = {line.split('|')[2].strip(): [c.strip() for c in line.split('|')[1:-1]]
-          for line in table.splitlines() if line.startswith('| digits')}
-  assert rows['mt'][2:] == ['2 (0, 1)', '30', '12.00 ± 2.83', '20.00 ± 0.00', '8.50 ± 0.71',
-                            '31.50 ± 2.12']
-  assert rows['supervised'][2:] == ['1 (0)', '30', '50.00', '60.00', '40.00', '45.00']
+  rows = {row[1]: row[2:] for row in _table_rows(table, 'digits')}
+  assert rows['mt'] == ['–', '2 (0, 1)', '30', '12.00 ± 2.83', '20.00 ± 0.00', '8.50 ± 0.71',
+                        '31.50 ± 2.12']
+  assert rows['supervised'] == ['–', '1 (0)', '30', '50.00', '60.00', '40.00', '45.00']
+
+
+def test_report_rows_by_setting_and_pairs_each_with_its_baseline(tmp_path):
+  mt_lc = {'labeled_per_class': 400, 'lc_pull': 'teacher'}
+  mt = {'labeled_per_class': 400, 'lc_pull': 'student', 'lc_pair_weight': 'teacher_agreement'}
+  for seed, (plain, weighted, baseline) in enumerate([(0.38, 0.42, 0.40), (0.47, 0.50, 0.50),
+                                                      (0.44, 0.44, 0.45)]):
+    # Where a run writes and its seed do not split rows; a config.json from before a key was
+    # added reads with the key's old value ('none'), as seed 2 of the plain rule shows.
+    plain_config = {**mt_lc, 'data_dir': f'/data{seed}', 'lc_pair_weight': 'none'}
+    if seed == 2:
+      del plain_config['lc_pair_weight']
+    _fake_run(tmp_path, f'lc_seed{seed}', 'digits', 'mt_lc', seed, [plain] * 4, plain_config)
+    _fake_run(tmp_path, f'weighted_seed{seed}', 'digits', 'mt_lc', seed, [weighted] * 4,
+              {**mt_lc, 'lc_pair_weight': 'teacher_agreement'})
+    # Mean Teacher reads no lc_ key: its rows are the baseline of both rules.
+    _fake_run(tmp_path, f'mt_seed{seed}', 'digits', 'mt', seed, [baseline] * 4, mt)
+  _fake_run(tmp_path, 'mt_200_seed0', 'digits', 'mt', 0, [0.6] * 4,
+            {**mt, 'labeled_per_class': 200})
+  text = report.report([str(tmp_path)], against='mt')
+  table, paired = text.split('Test error in percent')
+  assert [row[1:4] for row in _table_rows(table, 'digits')] == [
+      ['mt_lc', 'labeled_per_class=400, lc_pair_weight=none', '3 (0, 1, 2)'],
+      ['mt_lc', 'labeled_per_class=400, lc_pair_weight=teacher_agreement', '3 (0, 1, 2)'],
+      ['mt', 'labeled_per_class=200', '1 (0)'],
+      ['mt', 'labeled_per_class=400', '3 (0, 1, 2)']]
+  # Differences -2, -3, -1 points: mean -2, std 1, t = -2 / (1 / sqrt 3); with two degrees
+  # of freedom the two-sided p is 1 - |t| / sqrt(2 + t^2). Then +2, 0, -1: mean 1/3, std
+  # sqrt(((5/3)^2 + (1/3)^2 + (4/3)^2) / 2) = sqrt(7/3).
+  def p(t):
+    return f'{1 - abs(t) / math.sqrt(2 + t * t):.3f}'
+
+  t_plain, std = -2 * math.sqrt(3), math.sqrt(7 / 3)
+  t_weighted = (1 / 3) / (std / math.sqrt(3))
+  assert [row[3:] for row in _table_rows(paired, 'digits')] == [
+      ['mt', '3 (0, 1, 2)', '-2.00 ± 1.00', '2.00', f'{t_plain:.2f}', p(t_plain), '3 of 3'],
+      ['mt', '3 (0, 1, 2)', f'+0.33 ± {std:.2f}', f'{1 / 3 / std:.2f}', f'{t_weighted:.2f}',
+       p(t_weighted), '1 of 3']]
+
+
+def test_report_refuses_to_pair_two_runs_of_one_seed(tmp_path):
+  for name in ('a', 'b'):
+    _fake_run(tmp_path, f'mt_lc_{name}', 'digits', 'mt_lc', 0, [0.4] * 4, {})
+  _fake_run(tmp_path, 'mt', 'digits', 'mt', 0, [0.4] * 4, {})
+  assert '2 (0, 0)' in report.report([str(tmp_path)])
+  with pytest.raises(errors.UserInputError, match='two runs of seed 0 have the same settings'):
+    report.report([str(tmp_path)], against='mt')
 
 
 def test_report_falls_back_to_metrics_jsonl(one_epoch_run, tmp_path):
@@ -246,6 +302,8 @@ def test_report_cli_writes_the_table_and_rejects_a_missing_dir(one_epoch_run, tm
   out = tmp_path / 'table.md'
   result = _cli('-m', 'lcmt_jax.report', one_epoch_run[0], '--out', str(out))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert out.read_text() == result.stdout and '| digits | mt_lc | 1 (0) |' in result.stdout
+  assert out.read_text() == result.stdout and '| digits | mt_lc | – | 1 (0) |' in result.stdout
+  result = _cli('-m', 'lcmt_jax.report', one_epoch_run[0], '--against=mt')
+  assert result.returncode == 0 and 'No row has a mt row of the same settings' in result.stdout
   result = _cli('-m', 'lcmt_jax.report', str(tmp_path / 'nope'))
   assert result.returncode == 2 and result.stderr.startswith('error: no such directory')
