@@ -8,8 +8,9 @@
 # DATA is a folder with train/ and test/ class folders, or a .tgz holding them
 # (../shared/data/cifar10-jpeg.tgz), unpacked to a temporary folder first. OUT_DIR gets
 # seven files: train.log (everything printed), runs.tgz (each run's config.json,
-# split.json, metrics.jsonl and summary.json), report.md (`lcmt_jax.report`'s table) and
-# the figures of `lcmt_jax.plot` (learning curves, PCA of each run's best teacher).
+# split.json, metrics.jsonl and summary.json), report.md (`lcmt_jax.report`'s table, each
+# method against Mean Teacher) and the figures of `lcmt_jax.plot` (learning curves, PCA of
+# each run's best teacher).
 # Environment:
 #   EPOCHS       epochs of every run (default 80: the three runs, the report and the figures
 #                take about 8 minutes on one H200, measured 2026-11-26)
@@ -52,7 +53,7 @@ done
 tar czf "$out/runs.tgz" -C "$scratch" --ignore-failed-read \
   "${runs[@]/%//config.json}" "${runs[@]/%//split.json}" "${runs[@]/%//metrics.jsonl}" \
   "${runs[@]/%//summary.json}"
-(cd "$scratch" && "$python" -m lcmt_jax.report "${runs[@]}") 2>&1 | tee "$out/report.md"
+(cd "$scratch" && "$python" -m lcmt_jax.report "${runs[@]}" --against=mt) 2>&1 | tee "$out/report.md"
 echo "=== figures (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
 "$python" -m lcmt_jax.plot --workdir="${runs[@]/#/$scratch/}" --out="$out" 2>&1 \
   | tee -a "$out/train.log"

@@ -10,8 +10,9 @@
 #
 # Each run trains in OUT_DIR/<method>_seed<seed>; running the same command again
 # resumes the runs that were interrupted and leaves finished ones as they are. Then
-# OUT_DIR/report.md gets `lcmt_jax.report`'s table of all runs, and OUT_DIR/figures the
-# learning curves of the first seed's runs and the PCA of their best teachers.
+# OUT_DIR/report.md gets `lcmt_jax.report`'s table of all runs (each method against Mean
+# Teacher, seed by seed), and OUT_DIR/figures the learning curves of the first seed's runs
+# and the PCA of their best teachers.
 # Environment: METHODS (default "mt_lc mt supervised"), SEEDS (default "0 1 2"),
 # PYTHON (default python3).
 set -euo pipefail
@@ -37,6 +38,6 @@ for seed in "${seeds[@]}"; do
     echo "=== $workdir: $((SECONDS - start)) s of wall time"
   done
 done
-"$python" -m lcmt_jax.report "$out" --out="$out/report.md"
+"$python" -m lcmt_jax.report "$out" --against=mt --out="$out/report.md"
 first=("${methods[@]/#/$out/}")
 "$python" -m lcmt_jax.plot --workdir="${first[@]/%/_seed${seeds[0]}}" --out="$out/figures"

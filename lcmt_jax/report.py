@@ -225,12 +225,15 @@ def compare(group: Group, baseline: Group) -> PairedComparison:
 
 
 def baseline_of(group: Group, groups: Sequence[Group], method: str) -> Group | None:
-  """The `method` group run as `group` was, but for what `method` does not read."""
-  setting = _canonical({k: v for k, v in group.setting.items()
-                        if not k.startswith(_UNUSED_PREFIXES.get(method, ()))})
+  """The `method` group run as `group` was in every key that both methods read."""
+  unused = _UNUSED_PREFIXES.get(method, ()) + _UNUSED_PREFIXES.get(group.method, ())
+
+  def shared(setting: dict) -> str:
+    return _canonical({k: v for k, v in setting.items() if not k.startswith(unused)})
+
   return next((other for other in groups
                if other.method == method and other.dataset == group.dataset
-               and _canonical(other.setting) == setting), None)
+               and shared(other.setting) == shared(group.setting)), None)
 
 
 def _number(value: float, digits: int = 2) -> str:

@@ -240,8 +240,8 @@ def test_report_aggregates_seeds_to_mean_and_std(tmp_path):
 
 
 def test_report_rows_by_setting_and_pairs_each_with_its_baseline(tmp_path):
-  mt_lc = {'labeled_per_class': 400, 'lc_pull': 'teacher'}
-  mt = {'labeled_per_class': 400, 'lc_pull': 'student', 'lc_pair_weight': 'teacher_agreement'}
+  mt_lc = {'labeled_per_class': 400, 'consistency_weight': 100.0, 'lc_pull': 'teacher'}
+  mt = {**mt_lc, 'lc_pull': 'student', 'lc_pair_weight': 'teacher_agreement'}
   for seed, (plain, weighted, baseline) in enumerate([(0.38, 0.42, 0.40), (0.47, 0.50, 0.50),
                                                       (0.44, 0.44, 0.45)]):
     # Where a run writes and its seed do not split rows; a config.json from before a key was
@@ -256,13 +256,17 @@ def test_report_rows_by_setting_and_pairs_each_with_its_baseline(tmp_path):
     _fake_run(tmp_path, f'mt_seed{seed}', 'digits', 'mt', seed, [baseline] * 4, mt)
   _fake_run(tmp_path, 'mt_200_seed0', 'digits', 'mt', 0, [0.6] * 4,
             {**mt, 'labeled_per_class': 200})
+  # The supervised baseline reads neither lc_ nor consistency_ keys.
+  _fake_run(tmp_path, 'supervised_seed0', 'digits', 'supervised', 0, [0.55] * 4,
+            {**mt, 'consistency_weight': 0.0})
   text = report.report([str(tmp_path)], against='mt')
   table, paired = text.split('Test error in percent')
   assert [row[1:4] for row in _table_rows(table, 'digits')] == [
       ['mt_lc', 'labeled_per_class=400, lc_pair_weight=none', '3 (0, 1, 2)'],
       ['mt_lc', 'labeled_per_class=400, lc_pair_weight=teacher_agreement', '3 (0, 1, 2)'],
       ['mt', 'labeled_per_class=200', '1 (0)'],
-      ['mt', 'labeled_per_class=400', '3 (0, 1, 2)']]
+      ['mt', 'labeled_per_class=400', '3 (0, 1, 2)'],
+      ['supervised', 'labeled_per_class=400', '1 (0)']]
   # Differences -2, -3, -1 points: mean -2, std 1, t = -2 / (1 / sqrt 3); with two degrees
   # of freedom the two-sided p is 1 - |t| / sqrt(2 + t^2). Then +2, 0, -1: mean 1/3, std
   # sqrt(((5/3)^2 + (1/3)^2 + (4/3)^2) / 2) = sqrt(7/3).
@@ -274,7 +278,8 @@ def test_report_rows_by_setting_and_pairs_each_with_its_baseline(tmp_path):
   assert [row[3:] for row in _table_rows(paired, 'digits')] == [
       ['mt', '3 (0, 1, 2)', '-2.00 ± 1.00', '2.00', f'{t_plain:.2f}', p(t_plain), '3 of 3'],
       ['mt', '3 (0, 1, 2)', f'+0.33 ± {std:.2f}', f'{1 / 3 / std:.2f}', f'{t_weighted:.2f}',
-       p(t_weighted), '1 of 3']]
+       p(t_weighted), '1 of 3'],
+      ['mt', '1 (0)', '+15.00', '–', '–', '–', '0 of 1']]
 
 
 def test_report_refuses_to_pair_two_runs_of_one_seed(tmp_path):
