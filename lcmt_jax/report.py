@@ -209,6 +209,12 @@ class PairedComparison:
     return mean_std(self.differences)
 
   @property
+  def mean_over_std(self) -> float:
+    """|mean| / std of the differences, the issue's yardstick (NaN for one seed or std 0)."""
+    mean, std = self.mean_std
+    return abs(mean) / std if std > 0 else float('nan')
+
+  @property
   def t_and_p(self) -> tuple[float, float]:
     """The paired t statistic and its two-sided p-value (NaN for fewer than two seeds)."""
     if len(self.differences) < 2:
@@ -258,7 +264,7 @@ def build_paired_table(groups: Sequence[Group], method: str) -> str:
     lines.append(
         f'| {group.dataset} | {group.method} | {label} | {method} | '
         f'{len(comparison.seeds)} ({", ".join(map(str, comparison.seeds))}) | '
-        f'{_mean_std_text(mean, std, signed=True)} | {_number(abs(mean) / std if std else float("nan"))} | '
+        f'{_mean_std_text(mean, std, signed=True)} | {_number(comparison.mean_over_std)} | '
         f'{_number(t)} | {_number(p, 3)} | {lower} of {len(comparison.seeds)} |')
   if len(lines) == 2:
     return (f'No row has a {method} row of the same settings (and a seed in common) to be '
