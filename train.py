@@ -21,6 +21,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False,
     'Resume a workdir even though it was written with different config values.')
+_BRANCH_FROM = flags.DEFINE_string(
+    'branch_from', None, "Start the new --workdir from this run's checkpoint at its last epoch "
+    'before local clustering starts; the two may differ only in method (mt, mt_lc) and lc_*.')
 # A multi-process run; under SLURM (srun) all three come from the environment.
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     'coordinator_address', None, 'HOST:PORT of process 0 of a multi-process run.')
@@ -46,7 +49,8 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value or f'workdirs/{config.dataset}_{config.method}'
   try:
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    trainer.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    trainer.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                               branch_from=_BRANCH_FROM.value)
   except errors.UserInputError as e:
     errors.exit_with_error(e)
 

@@ -21,6 +21,9 @@
 #                "--config.width=8 --config.compute_dtype=float32"
 #   CONFIG       the config file and its arguments (default configs/cifar10.py; epochs=EPOCHS
 #                is appended), e.g. "configs/cifar10_wrn.py:recipe=wrn" (benchmarks/wrn_runs.sh)
+#   BRANCH       1 (default): Mean Teacher starts from the MT+LC run's checkpoint before
+#                lc_start (`train.py --branch_from`, README "Branching a comparison") where
+#                that run got there; 0: every run trains from the start
 set -uo pipefail
 data=${1:?usage: cifar10_three_methods.sh DATA OUT_DIR}
 out=${2:?usage: cifar10_three_methods.sh DATA OUT_DIR}
@@ -36,14 +39,25 @@ data=$(bash benchmarks/image_folder.sh "$data" "$scratch") || exit 2
 echo "image folder $data (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
 
 methods=(${METHODS:-mt_lc mt supervised})
-for method in "${methods[@]}"; do
-  echo "=== $method, $epochs epochs (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
+train() {  # METHOD [train.py flags ...]: the exit status of train.py
+  local method=$1
+  shift
   timeout --signal=INT "${RUN_SECONDS:-240}" "$python" train.py \
     --config="$config" --config.method="$method" \
     --config.dataset=image_folder --config.data_dir="$data" --config.compute_dtype=bfloat16 \
     --config.eval_every_epochs=5 --config.checkpoint_every_epochs="$epochs" \
-    --config.progress_bar=False --workdir="$scratch/$method" ${TRAIN_FLAGS:-} \
+    --config.progress_bar=False --workdir="$scratch/$method" ${TRAIN_FLAGS:-} "$@" \
     2>&1 | tee -a "$out/train.log"
+  return "${PIPESTATUS[0]}"
+}
+for method in "${methods[@]}"; do
+  echo "=== $method, $epochs epochs (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
+  if [[ $method == mt && ${BRANCH:-1} == 1 && -d $scratch/mt_lc/checkpoints ]]; then
+    # Refused (exit status 2, nothing written) where the MT+LC run stopped before the branch point.
+    train mt --branch_from="$scratch/mt_lc" || { (( $? == 2 )) && train mt; }
+  else
+    train "$method"
+  fi
 done
 runs=()  # Those that wrote records; a run that failed is left out of the table and figures.
 for method in "${methods[@]}"; do

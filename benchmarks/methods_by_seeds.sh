@@ -13,8 +13,10 @@
 # OUT_DIR/report.md gets `lcmt_jax.report`'s table of all runs (each method against Mean
 # Teacher, seed by seed), and OUT_DIR/figures the learning curves of the first seed's runs
 # and the PCA of their best teachers.
+# Mean Teacher starts from the MT+LC run of its seed at the epoch before lc_start
+# (`train.py --branch_from`, README "Branching a comparison") where that run got there.
 # Environment: METHODS (default "mt_lc mt supervised"), SEEDS (default "0 1 2"),
-# PYTHON (default python3).
+# PYTHON (default python3), BRANCH (1, the default, branches; 0 trains every run from the start).
 set -euo pipefail
 config=${1:?usage: methods_by_seeds.sh CONFIG OUT_DIR [train.py flags ...]}
 out=${2:?usage: methods_by_seeds.sh CONFIG OUT_DIR [train.py flags ...]}
@@ -33,8 +35,16 @@ for seed in "${seeds[@]}"; do
     fi
     echo "=== $workdir ($(date +%T))"
     start=$SECONDS
-    "$python" train.py --config="$config" --config.method="$method" --config.seed="$seed" \
-      --config.progress_bar=False --workdir="$workdir" "$@"
+    train=("$python" train.py --config="$config" --config.method="$method" --config.seed="$seed"
+           --config.progress_bar=False --workdir="$workdir" "$@")
+    source_run="$out/mt_lc_seed$seed"
+    if [[ $method == mt && ${BRANCH:-1} == 1 && ! -e $workdir && -d $source_run/checkpoints ]]; then
+      # Refused (exit status 2, nothing written) where the MT+LC run stopped before the branch point.
+      "${train[@]}" --branch_from="$source_run" || { status=$?; (( status == 2 )) || exit $status
+                                                     "${train[@]}"; }
+    else
+      "${train[@]}"
+    fi
     echo "=== $workdir: $((SECONDS - start)) s of wall time"
   done
 done

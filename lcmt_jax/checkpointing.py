@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: one manager keeps the latest (for resuming) and the best.
+"""Orbax checkpoints of a run: one manager keeps the latest (for resuming), the best, and the
+one a branch starts from (`lcmt_jax.branching`).
 
 Each checkpoint, named by its epoch, holds the whole `TrainState` and a JSON
 record of the loop's own state (`LoopState`: epoch, best so far, last
@@ -11,6 +12,7 @@ complete, so a run killed mid-save resumes from the previous complete one.
 
 import dataclasses
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -84,12 +86,27 @@ def _metric(metrics: dict) -> float:
   return metrics[_METRIC]
 
 
-class RunCheckpoints:
-  """`workdir/checkpoints/<epoch>`: the newest checkpoint and the best, under one manager."""
+def checkpoint_directory(workdir: str) -> str:
+  """Where a run's checkpoints are: one subdirectory per epoch, named by it."""
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
-  def __init__(self, workdir: str, read_only: bool = False):
+
+def copy_epochs(source_workdir: str, workdir: str, epochs: list[int]) -> None:
+  """Copies the complete checkpoints of `epochs` from one run's workdir to another's."""
+  for epoch in epochs:
+    shutil.copytree(os.path.join(checkpoint_directory(source_workdir), str(epoch)),
+                    os.path.join(checkpoint_directory(workdir), str(epoch)))
+
+
+class RunCheckpoints:
+  """`workdir/checkpoints/<epoch>`: the newest checkpoint and the best, under one manager.
+
+  `keep_epoch`, where given, is kept too once saved: the branch point of the run.
+  """
+
+  def __init__(self, workdir: str, read_only: bool = False, keep_epoch: int | None = None):
     """`read_only` opens a run for inspection without touching it, even while it trains."""
-    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    directory = checkpoint_directory(workdir)
     old = [kind for kind in KINDS if os.path.isdir(os.path.join(directory, kind))]
     if old:
       raise CheckpointError(
@@ -107,6 +124,8 @@ class RunCheckpoints:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy([
                 ocp.checkpoint_managers.LatestN(n=1),
                 ocp.checkpoint_managers.BestN(get_metric_fn=_metric, n=1),
+                ocp.checkpoint_managers.CustomSteps(steps=[] if keep_epoch is None
+                                                    else [keep_epoch]),
             ])),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'loop': ocp.JsonCheckpointHandler()})
@@ -122,6 +141,10 @@ class RunCheckpoints:
     self._manager.save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(dataclasses.asdict(loop_state))),
         metrics={_METRIC: metric})
+
+  def epochs(self) -> list[int]:
+    """The epochs of the complete checkpoints on disk, in order."""
+    return sorted(self._manager.all_steps())
 
   def epoch_of(self, kind: str) -> int | None:
     """The epoch of the `kind` checkpoint ('latest' or 'best'), None where there is none."""

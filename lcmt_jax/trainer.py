@@ -1,11 +1,12 @@
 """The training loop: many steps per compiled call, evaluation, checkpoints, metrics.
 
 `train_and_evaluate` builds the run (`lcmt_jax.experiment`), resumes it from
-its newest checkpoint if there is one, and trains epoch by epoch: each epoch
+its newest checkpoint if there is one (or branches it from another run's,
+`lcmt_jax.branching`), and trains epoch by epoch: each epoch
 is one compiled call (or `steps_per_call` steps per call; the calls before
 `lc_start` run a program without the local-clustering term), followed by its
 metrics record, an evaluation every `eval_every_epochs`, and a checkpoint
-every `checkpoint_every_epochs` and at each new best. Over several hosts every
+every `checkpoint_every_epochs`, at each new best and at the branch point. Over several hosts every
 process runs the same loop; process 0 alone writes logs and metrics, all
 write their shards of each checkpoint.
 """
@@ -17,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from lcmt_jax import branching
 from lcmt_jax import checkpointing
 from lcmt_jax import configuration
 from lcmt_jax import distributed
@@ -53,20 +55,31 @@ def _check_finite(metrics: dict[str, np.ndarray], first_step: int, last_good_epo
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+                       allow_config_change: bool = False,
+                       branch_from: str | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run described by `config` in `workdir`; returns its summary.
 
-  Every check of the input (config, workdir, data) comes before the first
-  write to `workdir`, so bad input leaves it as it was.
+  `branch_from`: a run whose checkpoint before `lc_start` starts this one, in
+  a new `workdir` (`lcmt_jax.branching`). Every check of the input (config,
+  workdir, data) comes before the first write to `workdir`, so bad input
+  leaves it as it was.
   """
   mesh = experiment.make_mesh()
   configuration.validate(config, mesh.size)
-  changed_keys = workdir_files.check_config(config, workdir, allow_config_change)
+  if branch_from is None:
+    branch = None
+    changed_keys = workdir_files.check_config(config, workdir, allow_config_change)
+  else:
+    branch = branching.check_branch(config, branch_from, workdir)
+    changed_keys = []  # The branch writes the config.
   run = experiment.build(config, mesh)
   state, steps_per_epoch = run.state, run.step_config.steps_per_epoch
+  if branch is not None:
+    branching.write_branch(config, branch, workdir)
 
   lead = distributed.is_lead_process()
-  checkpoints = checkpointing.RunCheckpoints(workdir)
+  branch_epoch = branching.branch_epoch(config)
+  checkpoints = checkpointing.RunCheckpoints(workdir, keep_epoch=branch_epoch)
   loop = checkpointing.LoopState()
   if checkpoints.epoch_of('latest') is not None:
     state, loop = checkpoints.restore('latest', state)
@@ -78,7 +91,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = metrics_log.Progress(total_steps=config.num_epochs * steps_per_epoch,
                                   done_steps=loop.epoch * steps_per_epoch,
                                   show_bar=config.progress_bar, silent=not lead)
-  if loop.epoch:
+  if branch is not None:
+    progress.print(f'Branching {workdir} from {branch.source} at epoch {branch.epoch}' + (
+        f' with changed {", ".join(branch.changed)}.' if branch.changed else '.'))
+  elif loop.epoch:
     progress.print(f'Resuming {workdir} from epoch {loop.epoch}' + (
         f' with changed {", ".join(changed_keys)}.' if changed_keys else '.'))
 
@@ -119,7 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           loop.best_eval = evaluation
         loop.last_eval = evaluation
       loop.epoch = epoch
-      if new_best or epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
+      if (new_best or epoch % config.checkpoint_every_epochs == 0
+          or epoch in (branch_epoch, config.num_epochs)):
         checkpoints.save(epoch, state, loop, new_best)
   finally:
     checkpoints.wait_until_finished()

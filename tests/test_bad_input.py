@@ -123,6 +123,15 @@ def test_allow_config_change_resumes_with_the_new_values(train_cli, workdir):
   assert [json.loads(line)['epoch'] for line in records] == [1, 1, 2, 2]
 
 
+def test_branch_from_a_run_that_trains_nothing_before_lc(train_cli, workdir, tmp_path):
+  """TINY_COMMAND's LC starts in epoch 1: there is no branch point (tests/test_branching.py)."""
+  before = helpers.directory_contents(workdir)
+  assert_refused(train_cli(*TINY_COMMAND, '--config.method=mt', f'--workdir={tmp_path / "branch"}',
+                           f'--branch_from={workdir}'),
+                 'no epoch is trained before local clustering starts', workdir, before)
+  assert not (tmp_path / 'branch').exists()
+
+
 def test_unreadable_config_record(train_cli, workdir):
   (workdir / 'config.json').write_text('{"width": 8, ')
   before = helpers.directory_contents(workdir)

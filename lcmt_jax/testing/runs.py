@@ -29,8 +29,12 @@ def latest_state(workdir: str) -> tuple:
   return jax.device_get(state), loop
 
 
-def assert_same_run(workdir_a: pathlib.Path, workdir_b: pathlib.Path, epochs: int) -> None:
-  """Both runs ended at `epochs` with bitwise equal states, loop records and metrics."""
+def assert_same_run(workdir_a: pathlib.Path, workdir_b: pathlib.Path, epochs: int,
+                    unrecorded: tuple[str, ...] = ()) -> None:
+  """Both runs ended at `epochs` with bitwise equal states, loop records and metrics.
+
+  `unrecorded`: metrics that one run's records may lack and the other's hold.
+  """
   state_a, loop_a = latest_state(str(workdir_a))
   state_b, loop_b = latest_state(str(workdir_b))
   assert loop_a.epoch == epochs
@@ -39,6 +43,7 @@ def assert_same_run(workdir_a: pathlib.Path, workdir_b: pathlib.Path, epochs: in
   for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, b)
   without_speed = lambda records: [
-      {k: v for k, v in r.items() if k not in ('images_per_second', 'wall_time')} for r in records]
+      {k: v for k, v in r.items() if k not in ('images_per_second', 'wall_time', *unrecorded)}
+      for r in records]
   assert without_speed(metrics_log.read_records(workdir_a / 'metrics.jsonl')) == (
       without_speed(metrics_log.read_records(workdir_b / 'metrics.jsonl')))
