@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 
 from lcmt_jax import checkpointing
+from lcmt_jax import configuration
 from lcmt_jax import distributed
 from lcmt_jax import errors
 from lcmt_jax import files
@@ -63,7 +64,13 @@ def check_branch(config: ml_collections.ConfigDict, source: str, workdir: str) -
   if os.path.lexists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
     raise errors.UserInputError(f'--workdir {workdir} already exists: a branch starts a new run in '
                                 'a new workdir (to resume a branch, leave out --branch_from)')
-  saved = json.loads(workdir_files.load_config(source).to_json_best_effort())
+  saved_config = workdir_files.load_config(source)
+  try:
+    configuration.validate(saved_config)
+  except configuration.ConfigError as e:
+    raise errors.UserInputError(f'--branch_from {source}: its config.json is not a valid run '
+                                f'config ({e}); put back the config.json of that run') from e
+  saved = json.loads(saved_config.to_json_best_effort())
   current = json.loads(config.to_json_best_effort())
   changed = sorted(k for k in set(saved) | set(current)
                    if k not in workdir_files.RESUMABLE_KEYS and saved.get(k) != current.get(k))

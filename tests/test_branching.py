@@ -107,6 +107,17 @@ def test_a_branch_from_a_run_without_the_branch_point_is_refused(mean_teacher_ru
   assert sorted(os.listdir(tmp_path)) == ['source']
 
 
+def test_a_branch_from_a_run_with_a_crafted_config_is_refused(mean_teacher_run, tmp_path):
+  source = tmp_path / 'source'
+  shutil.copytree(mean_teacher_run, source)
+  saved = json.loads((source / 'config.json').read_text())
+  (source / 'config.json').write_text(json.dumps({**saved, 'lc_start': 'soon'}))
+  with pytest.raises(errors.UserInputError, match="config.json is not a valid run config "
+                     "\\(config.lc_start='soon' is invalid"):
+    trainer.train_and_evaluate(config(), str(tmp_path / 'branch'), branch_from=str(source))
+  assert sorted(os.listdir(tmp_path)) == ['source']
+
+
 def test_a_branch_into_an_existing_run_is_refused(mean_teacher_run, tmp_path):
   (tmp_path / 'config.json').write_text('{}')
   with pytest.raises(errors.UserInputError, match='already exists: a branch starts a new run'):
