@@ -71,10 +71,8 @@ def check_branch(config: ml_collections.ConfigDict, source: str, workdir: str) -
     raise errors.UserInputError(f'--branch_from {source}: its config.json is not a valid run '
                                 f'config ({e}); put back the config.json of that run') from e
   saved = json.loads(saved_config.to_json_best_effort())
-  current = json.loads(config.to_json_best_effort())
-  changed = sorted(k for k in set(saved) | set(current)
-                   if k not in workdir_files.RESUMABLE_KEYS and saved.get(k) != current.get(k))
-  methods = {saved.get('method'), current.get('method')}
+  changed = workdir_files.changed_keys(saved, config)
+  methods = {saved['method'], config.method}
   unshared = [k for k in changed if not k.startswith('lc_') and not (
       k == 'method' and methods <= set(BRANCHABLE_METHODS))]
   if unshared:
@@ -82,12 +80,12 @@ def check_branch(config: ml_collections.ConfigDict, source: str, workdir: str) -
         f'--branch_from {source}: the two runs differ in {", ".join(unshared)}, which changes '
         f'training before local clustering starts; a branch may change only the method '
         f'({" or ".join(BRANCHABLE_METHODS)}) and the lc_* settings')
-  epochs = [branch_epoch(c) for c in (saved, current)]
+  epochs = [branch_epoch(c) for c in (saved, config)]
   if None in epochs:
     raise errors.UserInputError(
         f'--branch_from {source}: no epoch is trained before local clustering starts in both '
-        f'runs (lc_start {saved["lc_start"]} and {current["lc_start"]}, method '
-        f'{saved["method"]} and {current["method"]}): train the run from the start')
+        f'runs (lc_start {saved["lc_start"]} and {config.lc_start}, method {saved["method"]} '
+        f'and {config.method}): train the run from the start')
   epoch = min(epochs)
   source_checkpoints = checkpointing.RunCheckpoints(source, read_only=True)
   try:

@@ -2,13 +2,13 @@
 
 `train_and_evaluate` builds the run (`lcmt_jax.experiment`), resumes it from
 its newest checkpoint if there is one (or branches it from another run's,
-`lcmt_jax.branching`), and trains epoch by epoch: each epoch
-is one compiled call (or `steps_per_call` steps per call; the calls before
-`lc_start` run a program without the local-clustering term), followed by its
-metrics record, an evaluation every `eval_every_epochs`, and a checkpoint
-every `checkpoint_every_epochs`, at each new best and at the branch point. Over several hosts every
-process runs the same loop; process 0 alone writes logs and metrics, all
-write their shards of each checkpoint.
+`lcmt_jax.branching`), and trains epoch by epoch: each epoch is one compiled
+call (or `steps_per_call` steps per call; the calls before `lc_start` run a
+program without the local-clustering term), followed by its metrics record,
+an evaluation every `eval_every_epochs`, and a checkpoint every
+`checkpoint_every_epochs`, at each new best and at the branch point. Over
+several hosts every process runs the same loop; process 0 alone writes logs
+and metrics, all write their shards of each checkpoint.
 """
 
 import time

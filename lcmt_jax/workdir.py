@@ -9,6 +9,7 @@ refused unless asked for) and `lcmt_jax.evaluate` rebuilds the run from it.
 import json
 import os
 import time
+from typing import Any
 
 import ml_collections
 
@@ -47,16 +48,20 @@ def check_config(config: ml_collections.ConfigDict, workdir: str,
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return []
-  saved = _read_config_json(path)
-  current = json.loads(config.to_json_best_effort())
-  changed = sorted(k for k in set(saved) | set(current)
-                   if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
+  changed = changed_keys(_read_config_json(path), config)
   if changed and not allow_config_change:
     raise errors.UserInputError(
         f'workdir {workdir} holds a run with a different config (differs in: {", ".join(changed)}); '
         f'use a new --workdir, restore those values, or pass --allow_config_change to resume '
         f'it with the new values')
   return changed
+
+
+def changed_keys(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """The keys beyond RESUMABLE_KEYS whose values differ between a recorded config and `config`."""
+  current = json.loads(config.to_json_best_effort())
+  return sorted(k for k in set(saved) | set(current)
+                if k not in RESUMABLE_KEYS and saved.get(k) != current.get(k))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
