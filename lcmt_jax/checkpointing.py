@@ -147,7 +147,10 @@ class RunCheckpoints:
     return sorted(self._manager.all_steps())
 
   def epoch_of(self, kind: str) -> int | None:
-    """The epoch of the `kind` checkpoint ('latest' or 'best'), None where there is none."""
+    """The epoch of the `kind` checkpoint ('latest', 'best', or an epoch number such as '11',
+    the branch point), None where there is none."""
+    if kind.isdigit():
+      return int(kind) if int(kind) in self.epochs() else None
     if kind == 'latest':
       return self._manager.latest_step()
     best = self._manager.best_step()

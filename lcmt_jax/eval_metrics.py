@@ -58,6 +58,18 @@ def evaluate_splits(predict_fn: Callable, state: train_state.TrainState,
 _distance_quantiles = jax.jit(losses.distance_quantiles)
 
 
+def _lc_distances(features: jax.Array, labels: jax.Array, lc_features: str,
+                  max_rows: int) -> tuple[jax.Array, jax.Array]:
+  """The LC term's view of held-out features: `(distances, labels)` of (at most `max_rows`)
+  rows taken by `losses.strided_rows`, as `distance_quantiles` takes them, the features as
+  `lc_features` makes them."""
+  features = losses.strided_rows(features, max_rows)
+  if lc_features == 'normalized':
+    features = losses.unit_scaled(features)
+  return (losses.pairwise_mean_squared_distances(features, features),
+          losses.strided_rows(labels, max_rows))
+
+
 @functools.partial(jax.jit, static_argnames=('step_config', 'max_rows'))
 def pair_purity(features: jax.Array, labels: jax.Array, *, step_config: train_state.StepConfig,
                 max_rows: int = 1000) -> dict[str, jax.Array]:
@@ -65,25 +77,43 @@ def pair_purity(features: jax.Array, labels: jax.Array, *, step_config: train_st
   'pair_purity', 'pair_base_rate'}` over the distinct pairs of (at most `max_rows`) images.
 
   As the training step's diagnostic (`train_state.lc_diagnostics`), on held-out
-  images: the features as the config's `lc_features` makes them, `T` fixed or
-  the configured quantile of these pairs' distances; the pairs `i == j` are
-  left out. `lc_pull='teacher'` is measured on the student's features alone.
-  Rows are taken by `losses.strided_rows`, as `distance_quantiles` takes them.
+  images: `T` fixed or the configured quantile of these pairs' distances; the
+  pairs `i == j` are left out. `lc_pull='teacher'` is measured on the
+  student's features alone.
   """
-  features = losses.strided_rows(features, max_rows)
-  labels = losses.strided_rows(labels, max_rows)
-  if step_config.lc_features == 'normalized':
-    features = losses.unit_scaled(features)
-  distances = losses.pairwise_mean_squared_distances(features, features)
+  distances, labels = _lc_distances(features, labels, step_config.lc_features, max_rows)
   threshold = jnp.asarray(step_config.lc_threshold, jnp.float32)
   if step_config.lc_threshold_quantile:
     threshold = losses.batch_threshold(distances, step_config.lc_threshold_quantile)
   within = losses.within_threshold(distances, threshold)
   purity, base_rate = losses.pair_purity(within, labels, labels, exclude_diagonal=True)
-  n = features.shape[0]
+  n = distances.shape[0]
   return {'pair_threshold': threshold,
           'pairs_within': (jnp.sum(within) - jnp.trace(within)) / (n * (n - 1)),
           'pair_purity': purity, 'pair_base_rate': base_rate}
+
+
+# Shares of the nearest distinct pairs that `purity_by_quantile` reports; 1.0 is every pair.
+PURITY_QUANTILES = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=('quantiles', 'lc_features', 'max_rows'))
+def purity_by_quantile(features: jax.Array, labels: jax.Array, *,
+                       quantiles: tuple[float, ...] = PURITY_QUANTILES, lc_features: str = 'raw',
+                       max_rows: int = 1000) -> jax.Array:
+  """The pair purity of a threshold at each quantile `q` of the distinct pairs' distances.
+
+  Which threshold, if any, would make LC pull mostly pairs of one class: the
+  share of pairs of one class among the nearest `q` of all distinct pairs of
+  (at most `max_rows`) held-out images, as `pair_purity` counts it for the
+  configured `T`. At `q = 1` it is the base rate; features that order the
+  images by class give a purity that rises toward 1 as `q` falls.
+  """
+  distances, labels = _lc_distances(features, labels, lc_features, max_rows)
+  def purity_at(quantile):
+    within = losses.within_threshold(distances, losses.batch_threshold(distances, quantile))
+    return losses.pair_purity(within, labels, labels, exclude_diagonal=True)[0]
+  return jax.lax.map(purity_at, jnp.asarray(quantiles, jnp.float32))
 
 
 def format_evaluation(epoch: int, evaluation: dict[str, float]) -> str:

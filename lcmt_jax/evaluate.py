@@ -1,7 +1,7 @@
 """Evaluates a finished run, or a checkpoint of the PyTorch reference: errors, per-class accuracy,
-confusion matrices.
+confusion matrices, and the pair purity of each network's nearest pairs of features.
 
-    python -m lcmt_jax.evaluate --workdir=runs/quickstart/mt_lc_seed0 [--checkpoint=best|latest]
+    python -m lcmt_jax.evaluate --workdir=runs/quickstart/mt_lc_seed0 [--checkpoint=best|latest|EPOCH]
     python -m lcmt_jax.evaluate --torch_checkpoint=model.pth --config=configs/cifar10.py
 
 A run is rebuilt from its `config.json`: the same split, the same
@@ -57,19 +57,27 @@ class Evaluable:
   predict_fn: Callable[..., dict[str, jax.Array]]
   networks: dict[str, str]
   description: str
+  _predictions: dict[str, dict[str, np.ndarray]] = dataclasses.field(
+      default_factory=dict, repr=False, compare=False)
 
   def predict(self, split_name: str) -> dict[str, np.ndarray]:
-    """Host copies of the class predictions ('student', 'teacher') and 'teacher_features'."""
-    return jax.device_get(self.predict_fn(self.state, self.data[f'{split_name}_images']))
+    """Host copies of the class predictions ('student', 'teacher') and features
+    ('student_features', 'teacher_features'), computed once per split."""
+    if split_name not in self._predictions:
+      self._predictions[split_name] = jax.device_get(
+          self.predict_fn(self.state, self.data[f'{split_name}_images']))
+    return self._predictions[split_name]
 
   def labels(self, split_name: str) -> np.ndarray:
     return getattr(self.split, f'{split_name}_labels')
 
 
 def restore_run(workdir: str, kind: str = 'best') -> Evaluable:
-  """The run in `workdir` with its newest `kind` checkpoint ('best' or 'latest')."""
-  if kind not in checkpointing.KINDS:
-    raise CheckpointNotFoundError(f'checkpoint kind {kind!r} is not one of {checkpointing.KINDS}')
+  """The run in `workdir` with its newest `kind` checkpoint ('best' or 'latest'), or with its
+  checkpoint of an epoch (`kind` '11': one still on disk, such as the branch point)."""
+  if kind not in checkpointing.KINDS and not kind.isdigit():
+    raise CheckpointNotFoundError(f'--checkpoint={kind} is neither one of {checkpointing.KINDS} '
+                                  'nor an epoch number')
   config = workdir_files.load_config(workdir)
   xla_cpu.configure(config.compute_dtype)  # Before the first JAX array.
   directory = os.path.join(workdir, 'checkpoints')
@@ -78,8 +86,12 @@ def restore_run(workdir: str, kind: str = 'best') -> Evaluable:
                  if os.path.isdir(directory) else None)
   try:
     if checkpoints is None or checkpoints.epoch_of(kind) is None:
-      raise CheckpointNotFoundError(f'{workdir} has no {kind} checkpoint (looked in {directory}); '
-                                    'train the run first, or pick the other --checkpoint kind')
+      on_disk = checkpoints.epochs() if checkpoints is not None else []
+      wanted = f'checkpoint of epoch {kind}' if kind.isdigit() else f'{kind} checkpoint'
+      raise CheckpointNotFoundError(
+          f'{workdir} has no {wanted} (looked in {directory}, which holds '
+          f'{", ".join(map(str, on_disk)) or "none"}); train the run first, or pick another '
+          '--checkpoint')
     run = experiment.build(config)
     state, loop = checkpoints.restore(kind, run.state)
   finally:
@@ -146,6 +158,37 @@ def evaluate(evaluable: Evaluable) -> dict[str, dict[str, np.ndarray]]:
   return results
 
 
+def nearest_pair_purity(evaluable: Evaluable) -> dict[str, dict[str, np.ndarray]]:
+  """`{split: {network: purity at each eval_metrics.PURITY_QUANTILES}}` of every non-empty split.
+
+  Whether the networks' features put images of one class nearest each other,
+  and how near a local-clustering threshold must be to pull mostly such
+  pairs: the features as the run's `lc_features` makes them.
+  """
+  results = {}
+  for split_name in eval_metrics.SPLITS:
+    labels = evaluable.labels(split_name)
+    if len(labels):
+      predictions = evaluable.predict(split_name)
+      results[split_name] = {name: np.asarray(jax.device_get(eval_metrics.purity_by_quantile(
+          predictions[f'{network}_features'], labels, lc_features=evaluable.config.lc_features)))
+                             for name, network in evaluable.networks.items()}
+  return results
+
+
+def format_purity(lc_features: str, results: dict[str, dict[str, np.ndarray]]) -> str:
+  """One row per split and network: the purity of the nearest `q` of the distinct pairs."""
+  quantiles = eval_metrics.PURITY_QUANTILES
+  header = ''.join(f'{"all" if q == 1 else f"{100 * q:g}%":>8}' for q in quantiles)
+  lines = [f'pair purity: the share of one-class pairs among the nearest q of the distinct pairs '
+           f'of features ({lc_features}; "all" is the base rate)',
+           f'{"split":<11}{"network":<9}{header}']
+  for split_name, by_network in results.items():
+    for name, purity in by_network.items():
+      lines.append(f'{split_name:<11}{name:<9}' + ''.join(f'{p:8.3f}' for p in purity))
+  return '\n'.join(lines)
+
+
 def format_confusion(confusion: np.ndarray) -> str:
   """A fixed-width table: one row per true class, one column per predicted class, then recall."""
   classes = range(confusion.shape[0])
@@ -174,8 +217,9 @@ def _define_flags() -> Any:
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('workdir', None, 'A run directory written by train.py.')
-  flags.DEFINE_enum('checkpoint', 'best', list(checkpointing.KINDS),
-                    "Which of the run's checkpoints to evaluate.")
+  flags.DEFINE_string('checkpoint', 'best',
+                      "Which of the run's checkpoints to evaluate: 'best', 'latest' or an epoch "
+                      'number still on disk (the branch point, the last epoch before LC).')
   flags.DEFINE_string('torch_checkpoint', None,
                       'A PyTorch reference checkpoint to evaluate instead of a run (needs --config).')
   flags.DEFINE_string('torch_key', 'state_dict',
@@ -201,6 +245,8 @@ def main(argv: list[str], config_flag: Any) -> None:
           '--torch_checkpoint needs --config=CONFIG.py naming the data set to evaluate on')
     evaluable = import_torch_checkpoint(config, torch_path, flags.FLAGS.torch_key)
   print(format_results(evaluable.description, evaluate(evaluable)), flush=True)
+  print('\n' + format_purity(evaluable.config.lc_features, nearest_pair_purity(evaluable)),
+        flush=True)
 
 
 if __name__ == '__main__':

@@ -75,6 +75,36 @@ def test_evaluate_cli_prints_errors_and_confusion_tables(one_epoch_run):
   assert f'teacher error {100 * summary["best/test/teacher_error"]:.2f}%' in out
   assert f'student error {100 * summary["best/test/student_error"]:.2f}%' in out
   assert out.count('true\\pred') == 2 and 'epoch 1' in out
+  purity_rows = [line.split() for line in out.split('pair purity')[1].splitlines()
+                 if line.startswith('test ')]
+  assert [row[1] for row in purity_rows] == ['student', 'teacher']
+  assert all(len(row) == 2 + len(eval_metrics.PURITY_QUANTILES) for row in purity_rows)
+
+
+def test_evaluate_an_epoch_on_disk_and_name_the_ones_there(one_epoch_run, restored):
+  by_epoch = evaluate.restore_run(one_epoch_run[0], '1')
+  assert 'epoch 1' in by_epoch.description
+  np.testing.assert_array_equal(evaluate.evaluate(by_epoch)['test']['teacher'],
+                                evaluate.evaluate(restored)['test']['teacher'])
+  with pytest.raises(evaluate.CheckpointNotFoundError,
+                     match=r'has no checkpoint of epoch 7 \(.*which holds 1\)'):
+    evaluate.restore_run(one_epoch_run[0], '7')
+  with pytest.raises(evaluate.CheckpointNotFoundError, match='neither'):
+    evaluate.restore_run(one_epoch_run[0], 'newest')
+
+
+def test_nearest_pair_purity_is_that_of_each_network_s_features(restored):
+  purity = evaluate.nearest_pair_purity(restored)['test']
+  labels = restored.labels('test')
+  for network in ('student', 'teacher'):
+    features = restored.predict('test')[f'{network}_features']
+    np.testing.assert_array_equal(purity[network], eval_metrics.purity_by_quantile(
+        features, labels, lc_features=restored.config.lc_features))
+  # The last column, every pair, is the base rate of the strided rows.
+  rows = labels[::-(-len(labels) // 1000)]
+  same = rows[:, None] == rows[None, :]
+  base_rate = (same.sum() - len(rows)) / (len(rows) * (len(rows) - 1))
+  np.testing.assert_allclose(purity['student'][-1], base_rate, rtol=1e-6)
 
 
 def test_evaluate_torch_checkpoint_equals_the_exported_teacher(one_epoch_run, restored, tmp_path):
@@ -196,6 +226,27 @@ def test_eval_pair_purity_counts_the_pairs_inside_t(quantile, lc_features):
   np.testing.assert_allclose(got['pair_purity'], same[inside].mean(), rtol=1e-6)
   np.testing.assert_allclose(got['pair_base_rate'], same.mean(), rtol=1e-6)
   assert got['pair_purity'] > got['pair_base_rate'] + 0.1
+
+
+@pytest.mark.parametrize('lc_features', ['raw', 'normalized'])
+def test_purity_by_quantile_counts_the_nearest_pairs(lc_features):
+  """`eval_metrics.purity_by_quantile` against counting the distinct pairs of a strided subsample."""
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 4, size=90)
+  features = (rng.normal(size=(90, 5)) + 3.0 * np.eye(5)[labels]).astype(np.float32)
+  quantiles = (0.01, 0.1, 0.5, 1.0)
+  got = jax.device_get(eval_metrics.purity_by_quantile(
+      jnp.asarray(features), jnp.asarray(labels), quantiles=quantiles, lc_features=lc_features,
+      max_rows=45))
+  subset, subset_labels = features[::2].astype(np.float64), labels[::2]
+  if lc_features == 'normalized':
+    subset = subset / np.linalg.norm(subset, axis=1, keepdims=True) * np.sqrt(5)
+  pairs = [(np.mean((subset[i] - subset[j]) ** 2), subset_labels[i] == subset_labels[j])
+           for i in range(45) for j in range(i + 1, 45)]
+  distances, same = (np.asarray(x) for x in zip(*pairs))
+  expected = [same[distances <= np.quantile(distances, q)].mean() for q in quantiles]
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert got[0] > got[-1] + 0.2  # Nearer pairs are purer for these clustered features.
 
 
 def test_pca_projection_equals_scikit_learn_up_to_sign():
