@@ -7,7 +7,8 @@
 #
 # DATA is a folder with train/ and test/ class folders, or a .tgz holding them
 # (../shared/data/cifar10-jpeg.tgz), unpacked to a temporary folder first. OUT_DIR gets
-# seven files: train.log (everything printed), runs.tgz (each run's config.json,
+# seven files: train.log (everything printed, with `lcmt_jax.evaluate`'s errors and pair
+# purity by quantile of each run's last checkpoint), runs.tgz (each run's config.json,
 # split.json, metrics.jsonl and summary.json), report.md (`lcmt_jax.report`'s table, each
 # method against Mean Teacher) and the figures of `lcmt_jax.plot` (learning curves, PCA of
 # each run's best teacher).
@@ -68,6 +69,11 @@ tar czf "$out/runs.tgz" -C "$scratch" --ignore-failed-read \
   "${runs[@]/%//config.json}" "${runs[@]/%//split.json}" "${runs[@]/%//metrics.jsonl}" \
   "${runs[@]/%//summary.json}"
 (cd "$scratch" && "$python" -m lcmt_jax.report "${runs[@]}" --against=mt) 2>&1 | tee "$out/report.md"
+for run in "${runs[@]}"; do  # Errors and the pair purity by quantile of each run's last checkpoint.
+  echo "=== evaluate $run (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
+  "$python" -m lcmt_jax.evaluate --workdir="$scratch/$run" --checkpoint=latest 2>&1 \
+    | awk 'NR == 1, /^$/; /^pair purity/, 0' | tee -a "$out/train.log"
+done
 echo "=== figures (at $((SECONDS - start)) s)" | tee -a "$out/train.log"
 "$python" -m lcmt_jax.plot --workdir="${runs[@]/#/$scratch/}" --out="$out" 2>&1 \
   | tee -a "$out/train.log"

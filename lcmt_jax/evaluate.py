@@ -97,7 +97,8 @@ def restore_run(workdir: str, kind: str = 'best') -> Evaluable:
   finally:
     if checkpoints is not None:
       checkpoints.close()
-  description = (f'{workdir}: {kind} checkpoint (epoch {loop.epoch}), {config.method} on '
+  which = 'checkpoint' if kind.isdigit() else f'{kind} checkpoint'
+  description = (f'{workdir}: {which} of epoch {loop.epoch}, {config.method} on '
                  f'{config.dataset}, seed {config.seed}')
   return Evaluable(config, run.split, run.data, state, run.predict_fn,
                    {'student': 'student', 'teacher': 'teacher'}, description)
