@@ -200,6 +200,17 @@ def test_plot_draws_the_pair_purity_beside_its_base_rate(one_epoch_run):
              for _, reference in drawn)
 
 
+def _distinct_pairs(features, labels, lc_features):
+  """The oracle: `(distances, same class)` of every pair `i < j`, in float64, by a double loop."""
+  features = features.astype(np.float64)
+  if lc_features == 'normalized':
+    features = features / np.linalg.norm(features, axis=1, keepdims=True) * np.sqrt(features.shape[1])
+  n = len(features)
+  pairs = [(np.mean((features[i] - features[j]) ** 2), labels[i] == labels[j])
+           for i in range(n) for j in range(i + 1, n)]
+  return tuple(np.asarray(x) for x in zip(*pairs))
+
+
 @pytest.mark.parametrize('quantile, lc_features', [(0.0, 'raw'), (0.15, 'raw'),
                                                    (0.15, 'normalized')])
 def test_eval_pair_purity_counts_the_pairs_inside_t(quantile, lc_features):
@@ -213,12 +224,7 @@ def test_eval_pair_purity_counts_the_pairs_inside_t(quantile, lc_features):
   step_config = train_state.StepConfig.from_config(config, steps_per_epoch=10)
   got = jax.device_get(eval_metrics.pair_purity(jnp.asarray(features), jnp.asarray(labels),
                                                 step_config=step_config, max_rows=30))
-  subset, subset_labels = features[::3].astype(np.float64), labels[::3]
-  if lc_features == 'normalized':
-    subset = subset / np.linalg.norm(subset, axis=1, keepdims=True) * np.sqrt(5)
-  pairs = [(np.mean((subset[i] - subset[j]) ** 2), subset_labels[i] == subset_labels[j])
-           for i in range(30) for j in range(i + 1, 30)]
-  distances, same = (np.asarray(x) for x in zip(*pairs))
+  distances, same = _distinct_pairs(features[::3], labels[::3], lc_features)
   threshold = np.quantile(distances, quantile) if quantile else 1.0
   inside = distances <= threshold
   np.testing.assert_allclose(got['pair_threshold'], threshold, rtol=1e-5)
@@ -238,12 +244,7 @@ def test_purity_by_quantile_counts_the_nearest_pairs(lc_features):
   got = jax.device_get(eval_metrics.purity_by_quantile(
       jnp.asarray(features), jnp.asarray(labels), quantiles=quantiles, lc_features=lc_features,
       max_rows=45))
-  subset, subset_labels = features[::2].astype(np.float64), labels[::2]
-  if lc_features == 'normalized':
-    subset = subset / np.linalg.norm(subset, axis=1, keepdims=True) * np.sqrt(5)
-  pairs = [(np.mean((subset[i] - subset[j]) ** 2), subset_labels[i] == subset_labels[j])
-           for i in range(45) for j in range(i + 1, 45)]
-  distances, same = (np.asarray(x) for x in zip(*pairs))
+  distances, same = _distinct_pairs(features[::2], labels[::2], lc_features)
   expected = [same[distances <= np.quantile(distances, q)].mean() for q in quantiles]
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   assert got[0] > got[-1] + 0.2  # Nearer pairs are purer for these clustered features.
