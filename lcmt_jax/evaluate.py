@@ -171,8 +171,8 @@ def nearest_pair_purity(evaluable: Evaluable) -> dict[str, dict[str, np.ndarray]
     labels = evaluable.labels(split_name)
     if len(labels):
       predictions = evaluable.predict(split_name)
-      results[split_name] = {name: np.asarray(jax.device_get(eval_metrics.purity_by_quantile(
-          predictions[f'{network}_features'], labels, lc_features=evaluable.config.lc_features)))
+      results[split_name] = {name: np.asarray(eval_metrics.purity_by_quantile(
+          predictions[f'{network}_features'], labels, lc_features=evaluable.config.lc_features))
                              for name, network in evaluable.networks.items()}
   return results
 
